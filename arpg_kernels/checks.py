@@ -1,0 +1,234 @@
+"""Input validation for the ops, in one place.
+
+Metadata checks (rank, shape, dtype, device, strides) cost nothing and always run, in the real and
+in the fake implementations. Value checks (cu_q_lens monotone, page ids in range, ...) need the
+index tensors' contents: on CPU they always run; on CUDA they read the tensors back (a host sync),
+so they run only outside CUDA-graph capture and only while `set_checks(True)` (the default).
+The kernels never read outside the cache even when value checks are off: page ids are clamped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_value_checks = True
+
+
+def set_checks(enabled: bool) -> None:
+    """Turn the value checks on CUDA tensors on or off (process-wide). CPU inputs are always checked."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Context manager form of `set_checks`."""
+    prev = _value_checks
+    set_checks(enabled)
+    try:
+        yield
+    finally:
+        set_checks(prev)
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    if t.device.type == "cpu":
+        return True
+    if not _value_checks:
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _tensor(name: str, t, rank: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
+
+
+def _float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _index(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+
+
+def _same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must share a device")
+
+
+def _last_dim_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
+
+
+def _scale(scale) -> None:
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+def _heads(q_heads: int, kv_heads: int, q_name: str, kv_name: str) -> None:
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"the number of heads of {q_name} ({q_heads}) must be a multiple of the KV heads of {kv_name} ({kv_heads})"
+        )
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _tensor("k_cache", k_cache, 4)
+    _tensor("v_cache", v_cache, 4)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the same shape")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must have the same dtype")
+    _float("k_cache", k_cache)
+    _same_device("k_cache", k_cache, v_cache=v_cache)
+    _last_dim_contiguous(k_cache=k_cache, v_cache=v_cache)
+    if k_cache.shape[1] == 0:
+        raise ValueError("k_cache must have page_size >= 1 (dimension 1)")
+
+
+def check_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, return_lse):
+    _tensor("q", q, 3)
+    check_cache(k_cache, v_cache)
+    _tensor("block_table", block_table, 2)
+    _tensor("kv_lens", kv_lens, 1)
+    _tensor("cu_q_lens", cu_q_lens, 1)
+    _float("q", q)
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache dtype {k_cache.dtype} must match q dtype {q.dtype}")
+    _same_device("q", q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, kv_lens=kv_lens, cu_q_lens=cu_q_lens)
+    _last_dim_contiguous(q=q)
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} must match q head_dim {q.shape[2]}")
+    _heads(q.shape[1], k_cache.shape[2], "q", "k_cache")
+    _index("block_table", block_table, torch.int32)
+    _index("kv_lens", kv_lens, torch.int32)
+    _index("cu_q_lens", cu_q_lens, torch.int32)
+    b = block_table.shape[0]
+    if kv_lens.shape[0] != b:
+        raise ValueError(f"kv_lens has {kv_lens.shape[0]} entries but block_table has {b} rows")
+    if cu_q_lens.shape[0] != b + 1:
+        raise ValueError(f"cu_q_lens must have B + 1 = {b + 1} entries, got {cu_q_lens.shape[0]}")
+    if not isinstance(max_q_len, int) or isinstance(max_q_len, bool) or max_q_len < 0:
+        raise ValueError(f"max_q_len must be a non-negative int, got {max_q_len!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    _scale(scale)
+    if not _values_checkable(cu_q_lens):
+        return
+    cu = cu_q_lens.cpu().long()
+    if cu[0].item() != 0:
+        raise ValueError(f"cu_q_lens must start at 0, got {cu[0].item()}")
+    q_lens = cu[1:] - cu[:-1]
+    if (q_lens < 0).any():
+        bad = int(torch.nonzero(q_lens < 0)[0])
+        raise ValueError(f"cu_q_lens must be non-decreasing (cu_q_lens[{bad + 1}] < cu_q_lens[{bad}])")
+    if cu[-1].item() != q.shape[0]:
+        raise ValueError(f"cu_q_lens[-1] = {cu[-1].item()} must equal the number of query rows {q.shape[0]}")
+    if b and q_lens.max().item() > max_q_len:
+        raise ValueError(f"max_q_len = {max_q_len} is smaller than the longest query span {q_lens.max().item()}")
+    _check_pages(block_table, kv_lens, k_cache.shape[0], k_cache.shape[1])
+
+
+def _check_pages(block_table: torch.Tensor, kv_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
+    lens = kv_lens.cpu().long()
+    if (lens < 0).any():
+        raise ValueError(f"kv_lens must be >= 0, got {lens[lens < 0][0].item()}")
+    capacity = block_table.shape[1] * page_size
+    if lens.numel() and lens.max().item() > capacity:
+        b = int(torch.argmax(lens))
+        raise ValueError(
+            f"block_table too short for kv_lens: sequence {b} has kv_len {lens[b].item()} but block_table has "
+            f"{block_table.shape[1]} pages of {page_size} tokens ({capacity})"
+        )
+    used = (lens + page_size - 1) // page_size  # pages each sequence reads
+    table = block_table.cpu().long()
+    live = torch.arange(table.shape[1])[None, :] < used[:, None]
+    bad = live & ((table < 0) | (table >= num_pages))
+    if bad.any():
+        b, i = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"block_table[{b}, {i}] = {table[b, i].item()} is not a page id in [0, {num_pages}) (num_pages of k_cache)"
+        )
+
+
+def check_append_kv(k, v, k_cache, v_cache, slot_mapping):
+    _tensor("k", k, 3)
+    _tensor("v", v, 3)
+    check_cache(k_cache, v_cache)
+    _tensor("slot_mapping", slot_mapping, 1)
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    _float("k", k)
+    _float("v", v)
+    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        raise ValueError(f"k/v dtype {k.dtype}/{v.dtype} must match the cache dtype {k_cache.dtype}")
+    _same_device("k", k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    _last_dim_contiguous(k=k, v=v)
+    if tuple(k.shape[1:]) != tuple(k_cache.shape[2:]):
+        raise ValueError(f"k rows {tuple(k.shape[1:])} must match the cache's [Hkv, D] = {tuple(k_cache.shape[2:])}")
+    _index("slot_mapping", slot_mapping, torch.int64)
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but k has {k.shape[0]} rows")
+    if not _values_checkable(slot_mapping) or slot_mapping.numel() == 0:
+        return
+    slots = slot_mapping.cpu()
+    n_slots = k_cache.shape[0] * k_cache.shape[1]
+    bad = (slots < -1) | (slots >= n_slots)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"slot_mapping[{i}] = {slots[i].item()} is out of range [-1, {n_slots}) (num_pages * page_size)")
+
+
+def check_attention(q, k, v, causal, scale):
+    _tensor("q", q, 4)
+    _tensor("k", k, 4)
+    _tensor("v", v, 4)
+    _float("q", q)
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _same_device("q", q, k=k, v=v)
+    _last_dim_contiguous(q=q, k=k, v=v)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k head_dim {k.shape[3]} must match q head_dim {q.shape[3]}")
+    _heads(q.shape[2], k.shape[2], "q", "k")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _scale(scale)
+
+
+def check_merge(out_a, lse_a, out_b, lse_b):
+    for name, t, rank in (("out_a", out_a, 3), ("lse_a", lse_a, 2), ("out_b", out_b, 3), ("lse_b", lse_b, 2)):
+        _tensor(name, t, rank)
+    _float("out_a", out_a)
+    if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype:
+        raise ValueError(
+            f"out_b {tuple(out_b.shape)} {out_b.dtype} must match out_a {tuple(out_a.shape)} {out_a.dtype}"
+        )
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        _index(name, t, torch.float32)
+        if tuple(t.shape) != tuple(out_a.shape[:2]):
+            raise ValueError(f"{name} must have shape [T, H] = {tuple(out_a.shape[:2])}, got {tuple(t.shape)}")
+    _same_device("out_a", out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    _last_dim_contiguous(out_a=out_a, out_b=out_b)

@@ -1,0 +1,301 @@
+"""The `torch.ops.arpg.*` custom ops: schemas (declared once, here), fakes, autograd, backend dispatch.
+
+Each op's real implementation validates its inputs and then calls the selected backend module
+(`reference`, `triton` or `cuda`); every backend module exposes the same functions with the
+signatures of `arpg_kernels.reference`. The choice happens at call time, so `set_backend` also
+applies to ops already traced into a graph. The CUDA extension registers its kernels in the
+private `arpg_cuda` namespace and is reached through the `cuda` backend module, so it never
+competes with these schemas for the CUDA dispatch key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks
+from . import reference
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+_backend = os.environ.get("ARPG_BACKEND", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"ARPG_BACKEND={_backend!r} is not one of {BACKENDS}")
+_warned: set[str] = set()
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every op in this process: 'auto', 'reference', 'triton' or 'cuda'.
+
+    'auto' picks cuda (when the extension is built and handles the inputs), else triton, for CUDA
+    tensors, and the reference for CPU tensors. The ARPG_BACKEND environment variable sets the start value.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of `set_backend`."""
+    prev = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton() -> ModuleType:
+    from . import triton as triton_backend
+
+    return triton_backend
+
+
+def _cuda() -> ModuleType:
+    from . import cuda as cuda_backend
+
+    return cuda_backend
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
+    """The backend module that runs `op` on these inputs under the current setting."""
+    device = tensors[0].device
+    name = _backend
+    if name == "reference":
+        return reference
+    if name == "triton":
+        if device.type != "cuda" and not triton_interpreting():
+            raise RuntimeError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+        return _triton()
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"the cuda backend needs CUDA tensors, got {device}")
+    if device.type != "cuda":
+        return reference
+    cuda_backend = _cuda()
+    if cuda_backend.is_available() and hasattr(cuda_backend, op) and cuda_backend.supports(op, *tensors):
+        return cuda_backend
+    if name == "cuda":
+        why = "arpg_kernels._C is not built" if not cuda_backend.is_available() else "these inputs"
+        _warn_once(f"arpg: the cuda backend has no {op} kernel for {why}; using triton instead")
+    return _triton()
+
+
+def _scale(scale: Optional[float], head_dim: int) -> float:
+    return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+# paged_attention ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("arpg::paged_attention", mutates_args=())
+def _paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    kv_lens: Tensor,
+    cu_q_lens: Tensor,
+    max_q_len: int,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    checks.check_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, return_lse)
+    impl = resolve_backend("paged_attention", q, k_cache, block_table)
+    return impl.paged_attention(
+        q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, _scale(scale, q.shape[-1]), return_lse
+    )
+
+
+@_paged_attention.register_fake
+def _(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal=False, scale=None, return_lse=False):
+    checks.check_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, return_lse)
+    lse_shape = q.shape[:2] if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+# append_kv ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("arpg::append_kv", mutates_args=("k_cache", "v_cache"))
+def _append_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    checks.check_append_kv(k, v, k_cache, v_cache, slot_mapping)
+    resolve_backend("append_kv", k, k_cache, slot_mapping).append_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_append_kv.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    checks.check_append_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+# attention (dense, differentiable) -------------------------------------------------------------
+
+
+@torch.library.custom_op("arpg::attention", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    checks.check_attention(q, k, v, causal, scale)
+    impl = resolve_backend("attention_forward", q, k, v)
+    return impl.attention_forward(q, k, v, causal, _scale(scale, q.shape[-1]))
+
+
+@_attention.register_fake
+def _(q, k, v, causal=True, scale=None):
+    checks.check_attention(q, k, v, causal, scale)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("arpg::attention_backward", mutates_args=())
+def _attention_backward(
+    dout: Tensor,
+    dlse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = resolve_backend("attention_backward", q, k, v)
+    return impl.attention_backward(
+        dout.contiguous(), dlse.contiguous(), q, k, v, out, lse, causal, _scale(scale, q.shape[-1])
+    )
+
+
+@_attention_backward.register_fake
+def _(dout, dlse, q, k, v, out, lse, causal, scale=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attention_grad(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = torch.ops.arpg.attention_backward(dout, dlse, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention.register_autograd(_attention_grad, setup_context=_attention_setup_context)
+
+
+# merge_attention_states ----------------------------------------------------------------------
+
+
+@torch.library.custom_op("arpg::merge_attention_states", mutates_args=())
+def _merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    checks.check_merge(out_a, lse_a, out_b, lse_b)
+    return resolve_backend("merge_attention_states", out_a).merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+@_merge_attention_states.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    checks.check_merge(out_a, lse_a, out_b, lse_b)
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
+
+
+# typed public wrappers -----------------------------------------------------------------------
+
+
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    kv_lens: Tensor,
+    cu_q_lens: Tensor,
+    max_q_len: int,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Attention of packed varlen queries against a paged KV cache.
+
+    Args:
+        q: [T, H, D] fp16/bf16/fp32; sequence b owns rows cu_q_lens[b]:cu_q_lens[b+1].
+        k_cache, v_cache: [num_pages, page_size, Hkv, D], same dtype as q (a layer `pool[l]` of a pool).
+        block_table: int32 [B, max_pages], logical page i of sequence b -> physical page.
+        kv_lens: int32 [B], valid keys per sequence (0 allowed).
+        cu_q_lens: int32 [B + 1], starts at 0, non-decreasing, ends at T.
+        max_q_len: int >= the longest query span (a host value, so no sync is needed).
+        causal: bottom-right aligned: query i of b sees keys j < kv_lens[b] - q_len_b + i + 1.
+        scale: softmax scale, default D ** -0.5.
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        out [T, H, D] in q's dtype (0 for a query that sees no key) and lse [T, H] float32
+        (-inf for such a query; an empty tensor unless return_lse).
+    """
+    return torch.ops.arpg.paged_attention(
+        q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, return_lse
+    )
+
+
+def append_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Scatter new rows into the paged cache, in place.
+
+    Args:
+        k, v: [T, Hkv, D] in the cache's dtype.
+        k_cache, v_cache: [num_pages, page_size, Hkv, D] (mutated).
+        slot_mapping: int64 [T], slot = page * page_size + offset; -1 skips the row.
+    """
+    torch.ops.arpg.append_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None, return_lse: bool = False
+):
+    """Dense attention for training, differentiable in q, k, v.
+
+    Args:
+        q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] (H % Hkv == 0), fp16/bf16/fp32.
+        causal: bottom-right aligned: query i sees keys j < Lk - Lq + i + 1.
+        scale: default D ** -0.5.
+
+    Returns:
+        out [B, Lq, H, D] in q's dtype, or (out, lse [B, Lq, H] float32) when return_lse.
+    """
+    out, lse = torch.ops.arpg.attention(q, k, v, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact combination of two attentions over disjoint key sets.
+
+    Args:
+        out_a, out_b: [T, H, D]; lse_a, lse_b: [T, H] float32.
+
+    Returns:
+        out [T, H, D] in out_a's dtype and lse [T, H] float32 (0 and -inf where both sides are empty).
+    """
+    return torch.ops.arpg.merge_attention_states(out_a, lse_a, out_b, lse_b)
