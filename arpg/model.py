@@ -1,0 +1,348 @@
+"""The ARPG transformer: weight-compatible with the published checkpoints (DESIGN.md section 1).
+
+Training runs dense causal attention through `ak.attention`; decoding runs the same layers on packed
+token rows against a paged KV cache through `ak.append_kv` and `ak.paged_attention` (`decode_step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import arpg_kernels as ak
+
+from .config import ARPGConfig, get_config
+
+__all__ = [
+    "ARPG",
+    "PagedBatch",
+    "RMSNorm",
+    "FeedForward",
+    "SelfAttention",
+    "CrossAttention",
+    "SelfDecoder",
+    "CrossDecoder",
+    "TwoPassDecoder",
+    "precompute_rope_2d",
+    "apply_rope",
+]
+
+
+def precompute_rope_2d(grid_size: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """2D RoPE table [grid_size**2 + 1, head_dim // 2, 2] (cos, sin), float32.
+
+    Row 0 is the class token and is all zeros (its rotated q and k are zero vectors). Row p >= 1 is cell
+    (row, col) = divmod(p - 1, grid_size): the first head_dim // 4 pairs rotate by row * f_k, the next
+    head_dim // 4 by col * f_k, with f_k = base ** (-2k / (head_dim / 2)) (LlamaGen's layout).
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device=device).float() / half))
+    t = torch.arange(grid_size, device=device)
+    freqs = torch.outer(t, freqs)  # [g, head_dim // 4]
+    grid = torch.cat(
+        [freqs[:, None, :].expand(-1, grid_size, -1), freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1
+    )  # [g, g, head_dim // 2]: row angles, then column angles
+    table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(1, half, 2, device=device), table])
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2k], x[2k+1]) in float32; returns x's dtype.
+
+    x: [..., T, H, D]; rope: [..., T, D // 2, 2] (broadcast over heads).
+    """
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    r = rope.unsqueeze(-3)
+    cos, sin = r[..., 0], r[..., 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class PagedBatch:
+    """Attention metadata of one decoding step for R sequences (rows of the batch).
+
+    Every cache layer of a sequence uses the same pages, so one slot mapping and one block table serve
+    all of them. Content tokens (fed through the self layers) are packed by `cu_in`, position queries
+    (cross layers, or the raster model's outputs) by `cu_q`.
+    """
+
+    slot_mapping: torch.Tensor  # int64 [T_in]
+    block_table: torch.Tensor  # int32 [R, max_pages]
+    kv_lens: torch.Tensor  # int32 [R], after this step's tokens are appended
+    cu_in: torch.Tensor  # int32 [R + 1]
+    cu_q: torch.Tensor  # int32 [R + 1]
+    max_in: int
+    max_q: int
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        hidden = config.ffn_hidden_dim
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.to_q = nn.Linear(config.dim, config.dim, bias=False)
+        self.to_k = nn.Linear(config.dim, config.dim, bias=False)
+        self.to_v = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def _qkv(self, x: torch.Tensor, rope: torch.Tensor):
+        shape = (*x.shape[:-1], self.n_head, self.head_dim)
+        q = apply_rope(self.to_q(x).view(shape), rope)
+        k = apply_rope(self.to_k(x).view(shape), rope)
+        return q, k, self.to_v(x).view(shape)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Causal attention. x: [B, L, dim]; rope: [B, L, head_dim // 2, 2]."""
+        q, k, v = self._qkv(x, rope)
+        o = ak.attention(q, k, v, causal=True)
+        return self.proj(o.flatten(-2))
+
+    def forward_paged(
+        self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, causal: bool = False
+    ) -> torch.Tensor:
+        """Append the rows' K/V, then attend the whole cache. x: [T_in, dim]; rope: [T_in, head_dim // 2, 2]."""
+        q, k, v = self._qkv(x, rope)
+        ak.append_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        o, _ = ak.paged_attention(
+            q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_in, batch.max_in, causal=causal
+        )
+        return self.proj(o.flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.to_q = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def _q(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        return apply_rope(self.to_q(x).view(*x.shape[:-1], self.n_head, self.head_dim), rope)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Query j sees keys 0..j. x: [B, L, dim]; k, v: [B, L, H, D]; rope: [B, L, head_dim // 2, 2]."""
+        o = ak.attention(self._q(x, rope), k, v, causal=True)
+        return self.proj(o.flatten(-2))
+
+    def forward_paged(self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch):
+        """Every query sees the whole shared cache. x: [T_q, dim]; rope: [T_q, head_dim // 2, 2]."""
+        o, _ = ak.paged_attention(
+            self._q(x, rope), k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q
+        )
+        return self.proj(o.flatten(-2))
+
+
+class SelfDecoder(nn.Module):
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.attn = SelfAttention(config)
+        self.ffn = FeedForward(config)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), rope)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def forward_paged(self, x, rope, k_cache, v_cache, batch: PagedBatch, causal: bool = False):
+        h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch, causal)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class CrossDecoder(nn.Module):
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.attn = CrossAttention(config)
+        self.ffn = FeedForward(config)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, k, v, rope):
+        h = x + self.attn(self.attn_norm(x), k, v, rope)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def forward_paged(self, x, rope, k_cache, v_cache, batch: PagedBatch):
+        h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class TwoPassDecoder(nn.Module):
+    """Self layers, then one shared K/V projection, then cross layers (`layers.*` in the checkpoints)."""
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.self_dec = nn.ModuleList([SelfDecoder(config) for _ in range(config.n_self_layers)])
+        self.cross_dec = nn.ModuleList([CrossDecoder(config) for _ in range(config.n_cross_layers)])
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.to_k = nn.Linear(config.dim, config.dim, bias=False)
+        self.to_v = nn.Linear(config.dim, config.dim, bias=False)
+
+    def shared_kv(self, x: torch.Tensor, rope: torch.Tensor):
+        """The K/V every cross layer attends: x [..., T, dim] -> k (RoPE'd), v [..., T, H, D]."""
+        xn = self.norm(x)
+        shape = (*x.shape[:-1], self.n_head, self.head_dim)
+        return apply_rope(self.to_k(xn).view(shape), rope), self.to_v(xn).view(shape)
+
+    def forward(self, x, q, rope_in, rope_q):
+        for layer in self.self_dec:
+            x = layer(x, rope_in)
+        k, v = self.shared_kv(x, rope_in)
+        for layer in self.cross_dec:
+            q = layer(q, k, v, rope_q)
+        return q
+
+
+class ARPG(nn.Module):
+    """Class-conditional randomized parallel autoregressive image model.
+
+    Parameters carry the published names (`embeddings`, `layers.self_dec.{i}...`, `layers.cross_dec.{i}...`,
+    `layers.norm`, `layers.to_k`, `layers.to_v`, `norm`, `head`). The RoPE table is not a parameter or
+    buffer: it is kept in float32 per device, whatever the model's dtype.
+    """
+
+    def __init__(self, config: "ARPGConfig | str"):
+        super().__init__()
+        config = get_config(config)
+        if config.n_layer % 2:
+            raise ValueError(f"ARPG needs an even n_layer (got {config.n_layer})")
+        self.config = config
+        self.embeddings = nn.Embedding(config.num_embeddings, config.dim)
+        self.layers = TwoPassDecoder(config)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._rope: dict[torch.device, torch.Tensor] = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Paged cache layers for decoding: one per self layer, plus one for the shared cross K/V."""
+        return self.config.n_self_layers + 1
+
+    def reset_parameters(self, std: float = 0.02, zero_head: bool = True) -> None:
+        """The original initialization: normal(0, std) linears and embeddings, unit norms, zero head."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        if zero_head:
+            nn.init.zeros_(self.head.weight)
+
+    def rope_table(self, device) -> torch.Tensor:
+        """Float32 2D RoPE table [seq_len + 1, head_dim // 2, 2] on `device` (made once per device)."""
+        device = torch.device(device)
+        table = self._rope.get(device)
+        if table is None:
+            c = self.config
+            table = precompute_rope_2d(c.grid_size, c.head_dim, c.rope_base).to(device)
+            self._rope[device] = table
+        return table
+
+    def class_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class labels -> token ids (`V + 1 + c`); a negative label means "no class" (`V + C + 1`)."""
+        c = self.config
+        labels = labels.long()
+        return torch.where(labels < 0, torch.full_like(labels, c.null_class_id), labels + c.vocab_size + 1)
+
+    def mask_queries(self, *shape: int) -> torch.Tensor:
+        """[MASK] embeddings broadcast to [*shape, dim]: the start of the query stream."""
+        return self.embeddings.weight[self.config.mask_token_id].expand(*shape, self.config.dim)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        orders: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced training step.
+
+        tokens: [B, L] image token ids in [0, V), L = grid_size**2, image (raster) order.
+        labels: [B] class labels (negative = no class); in train mode each is dropped to "no class"
+            with probability `config.class_dropout`.
+        orders: [B, L] per-sample permutations of the token indices 0..L-1 (drawn if None).
+        Returns logits float32 [B, L, V] in generation order (logits[b, j] predicts
+        tokens[b, orders[b, j]]) and the mean cross-entropy.
+        """
+        c = self.config
+        bsz, seq = tokens.shape
+        if seq != c.seq_len:
+            raise ValueError(f"tokens has {seq} positions, config expects grid_size**2 = {c.seq_len}")
+        device = tokens.device
+        cls = self.class_ids(labels.to(device))
+        if self.training and c.class_dropout > 0:
+            drop = torch.rand(bsz, device=device, generator=generator) < c.class_dropout
+            cls = torch.where(drop, torch.full_like(cls, c.null_class_id), cls)
+        if orders is None:
+            orders = torch.rand(bsz, seq, device=device, generator=generator).argsort(dim=1)
+        orders = orders.to(device=device, dtype=torch.long)
+        targets = tokens.gather(1, orders)
+        pos_q = orders + 1
+        pos_in = torch.cat([torch.zeros_like(pos_q[:, :1]), pos_q[:, :-1]], dim=1)
+        rope = self.rope_table(device)
+
+        x = self.embeddings(torch.cat([cls[:, None], targets[:, :-1]], dim=1))
+        q = self.layers(x, self.mask_queries(bsz, seq), rope[pos_in], rope[pos_q])
+        logits = self.head(self.norm(q)).float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        pos_in: torch.Tensor,
+        pos_q: torch.Tensor,
+        cache,
+        batch: PagedBatch,
+    ) -> torch.Tensor:
+        """One decoding step on packed rows.
+
+        tokens, pos_in: [T_in] ids and content positions of the tokens sampled last step (the class
+        token at position 0 on the first step); they attend the whole cache and each other.
+        pos_q: [T_q] target positions of this step's queries. cache: an `ak.PagedKVCache` with
+        `num_cache_layers` layers. Returns float32 logits [T_q, V].
+        """
+        rope = self.rope_table(tokens.device)
+        rope_in, rope_q = rope[pos_in], rope[pos_q]
+        x = self.embeddings(tokens)
+        for i, layer in enumerate(self.layers.self_dec):
+            x = layer.forward_paged(x, rope_in, *cache.layer(i), batch)
+        k, v = self.layers.shared_kv(x, rope_in)
+        k_cache, v_cache = cache.layer(len(self.layers.self_dec))
+        ak.append_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        q = self.mask_queries(pos_q.shape[0])
+        for layer in self.layers.cross_dec:
+            q = layer.forward_paged(q, rope_q, k_cache, v_cache, batch)
+        return self.head(self.norm(q)).float()

@@ -1,0 +1,113 @@
+"""Decoding schedules, classifier-free guidance scales and token sampling.
+
+Everything here is shared by the paged engine and the eager oracle, so both make the same plan and
+draw the same tokens from the same logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["SCHEDULES", "token_schedule", "cfg_scales", "filter_logits", "sample", "make_generator"]
+
+SCHEDULES = ("arccos", "cosine")
+
+
+def _mask_ratio(schedule: str, step: int, num_steps: int) -> float:
+    t = (step + 1) / num_steps
+    if schedule == "arccos":
+        return math.acos(t) / (math.pi / 2)
+    if schedule == "cosine":
+        return math.cos(math.pi / 2 * t)
+    raise ValueError(f"schedule must be one of {SCHEDULES} or a list of counts, got {schedule!r}")
+
+
+def token_schedule(num_steps: int, seq_len: int = 256, schedule: Union[str, Sequence[int]] = "arccos") -> list[int]:
+    """Tokens predicted at each of `num_steps` steps (DESIGN.md section 1); the counts sum to seq_len.
+
+    Step s: `r = arccos((s+1)/N) / (pi/2)` (or `cos(pi/2 (s+1)/N)`), `mask_len = max(1, min(L - done - 1,
+    int(L r)))`, `n_s = L - done - mask_len`, and the last step takes all that is left. The cap
+    `mask_len <= L - done - 1` makes every n_s >= 1, so any N in 1..L gives exactly N steps. A list of
+    counts (zeros allowed) is checked and returned as is.
+    """
+    if not isinstance(schedule, str):
+        counts = [int(c) for c in schedule]
+        if any(c < 0 for c in counts) or sum(counts) != seq_len:
+            raise ValueError(f"explicit schedule must be non-negative counts summing to {seq_len}, got {counts}")
+        return counts
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= seq_len:
+        raise ValueError(f"num_steps must be an int in [1, {seq_len}], got {num_steps!r}")
+    counts, done = [], 0
+    for s in range(num_steps):
+        if s == num_steps - 1:
+            n = seq_len - done
+        else:
+            mask_len = max(1, min(seq_len - done - 1, int(seq_len * _mask_ratio(schedule, s, num_steps))))
+            n = seq_len - done - mask_len
+        counts.append(n)
+        done += n
+    return counts
+
+
+def cfg_scales(counts: Sequence[int], seq_len: int, cfg_scale: float, cfg_schedule: str = "constant") -> list[float]:
+    """Guidance scale per step: constant, or linear `1 + (g - 1) * done / L` with done counting the step's tokens."""
+    if cfg_schedule == "constant":
+        return [float(cfg_scale)] * len(counts)
+    if cfg_schedule != "linear":
+        raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}")
+    out, done = [], 0
+    for n in counts:
+        done += n
+        out.append(1.0 + (cfg_scale - 1.0) * done / seq_len)
+    return out
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering along the last dim; removed entries become -inf.
+
+    Top-p keeps the smallest prefix of the sorted distribution whose mass reaches top_p (always at
+    least the most likely token). Returns a new tensor; the input is left alone.
+    """
+    if top_k and top_k > 0:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum > top_p
+        remove = torch.cat([torch.zeros_like(remove[..., :1]), remove[..., :-1]], dim=-1)
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Draw one token per row from logits [..., V] (float32); returns int64 [...].
+
+    temperature <= 0 is greedy. Sampling uses the exponential race `argmax(p / E)`, E ~ Exp(1), which
+    is an exact categorical draw and never synchronizes with the host (unlike torch.multinomial).
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = torch.softmax(logits.float(), dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def make_generator(device, seed: Optional[int] = None, generator: Optional[torch.Generator] = None):
+    """The generator to sample with: the given one, a new one seeded with `seed`, or None (global RNG)."""
+    if generator is not None:
+        return generator
+    if seed is None:
+        return None
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))

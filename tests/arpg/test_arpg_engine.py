@@ -1,0 +1,140 @@
+"""The paged engine: step-by-step agreement with the eager oracle and the training forward, plans, seeds."""
+
+import pytest
+import torch
+
+import arpg_kernels as ak
+from arpg import Engine, eager_generate, generate, token_schedule
+from arpg.engine import _ENGINES
+
+
+def assert_steps_close(got, want, atol=1e-5, rtol=1e-5):
+    assert len(got) == len(want)
+    for s, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape, f"step {s}"
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize(
+    "name, num_steps, cfg_scale, cfg_schedule",
+    [
+        ("ARPG-tiny", 5, 1.0, "constant"),
+        ("ARPG-tiny", 4, 3.0, "linear"),
+        ("ARPG-tiny-g8", 8, 2.0, "constant"),
+    ],
+)
+def test_engine_matches_eager(make_model, name, num_steps, cfg_scale, cfg_schedule):
+    model = make_model(name, std=0.05)
+    labels = torch.tensor([1, 7, -1])
+    kw = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, top_k=20, top_p=0.95, temperature=1.2)
+    tokens, logits = generate(model, labels, num_steps, seed=11, return_logits=True, **kw)
+    # The oracle fed the engine's tokens: the same order comes from the same seed.
+    ref_tokens, ref_logits = eager_generate(
+        model, labels, num_steps, seed=11, return_logits=True, teacher_tokens=tokens, **kw
+    )
+    assert torch.equal(ref_tokens, tokens)
+    assert_steps_close(logits, ref_logits)
+    counts = token_schedule(num_steps, model.config.seq_len)
+    rows = 2 * len(labels) if cfg_scale != 1.0 else len(labels)
+    assert [tuple(x.shape) for x in logits] == [(rows, n, model.config.vocab_size) for n in counts]
+    # Sampling itself is shared: the oracle left to sample on its own draws the same tokens.
+    assert torch.equal(eager_generate(model, labels, num_steps, seed=11, **kw), tokens)
+
+
+def test_one_token_per_step_equals_training_forward(make_model):
+    model = make_model("ARPG-tiny-g8", std=0.05)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(cfg.seq_len, generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=g)
+    labels = torch.tensor([4, -1])
+    out, logits = generate(
+        model, labels, cfg.seq_len, schedule=[1] * cfg.seq_len, order=order, teacher_tokens=tokens, return_logits=True
+    )
+    assert torch.equal(out, tokens)
+    with torch.no_grad():
+        train_logits, _ = model(tokens, labels, orders=order.expand(2, -1))
+    torch.testing.assert_close(torch.cat(logits, dim=1), train_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_every_position_filled_once(make_model, poison_empty):
+    model = make_model()
+    cfg = model.config
+    teacher = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
+    for n in (1, 3, cfg.seq_len):
+        out = generate(model, torch.tensor([0, 1, 2]), n, seed=n, teacher_tokens=teacher, cfg_scale=2.0)
+        assert torch.equal(out, teacher)
+
+
+def test_determinism_by_seed(make_model):
+    model = make_model("ARPG-tiny-g8")
+    labels = torch.tensor([2, 5])
+    a = generate(model, labels, 6, seed=123, cfg_scale=1.5)
+    b = generate(model, labels, 6, seed=123, cfg_scale=1.5)
+    c = generate(model, labels, 6, generator=torch.Generator().manual_seed(123), cfg_scale=1.5)
+    d = generate(model, labels, 6, seed=124, cfg_scale=1.5)
+    assert torch.equal(a, b) and torch.equal(a, c) and not torch.equal(a, d)
+    assert a.dtype == torch.long and a.shape == (2, 64)
+    assert int(a.min()) >= 0 and int(a.max()) < model.config.vocab_size
+
+
+def test_any_number_of_steps(make_model):
+    model = make_model("ARPG-tiny-g16")
+    cfg = model.config
+    for n in (1, 2, 3, 17, 64, 255, 256):
+        out, logits = generate(model, torch.tensor([1]), n, seed=n, return_logits=True, schedule="cosine")
+        assert out.shape == (1, 256) and len(logits) == n
+        assert [x.shape[1] for x in logits] == token_schedule(n, cfg.seq_len, "cosine")
+    with pytest.raises(ValueError, match="num_steps"):
+        generate(model, torch.tensor([1]), 257)
+
+
+def test_cfg_rows_are_conditional_then_unconditional(make_model):
+    model = make_model()
+    cfg = model.config
+    order = torch.randperm(cfg.seq_len)
+    teacher = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    _, guided = generate(model, torch.tensor([3, 4]), 4, cfg_scale=4.0, order=order, teacher_tokens=teacher,
+                         return_logits=True)
+    _, cond = generate(model, torch.tensor([3, 4]), 4, order=order, teacher_tokens=teacher, return_logits=True)
+    _, uncond = generate(model, torch.tensor([-1, -1]), 4, order=order, teacher_tokens=teacher, return_logits=True)
+    assert_steps_close([x[:2] for x in guided], cond)
+    assert_steps_close([x[2:] for x in guided], uncond)
+
+
+def test_greedy_equals_top_k_1(make_model):
+    model = make_model()
+    labels = torch.tensor([0, 9])
+    a = generate(model, labels, 4, seed=1, temperature=0.0, cfg_scale=2.0)
+    b = generate(model, labels, 4, seed=1, top_k=1, cfg_scale=2.0)
+    assert torch.equal(a, b)
+
+
+def test_engine_reuse_and_page_sizes(make_model):
+    model = make_model()
+    labels = torch.tensor([1, 2])
+    a, la = generate(model, labels, 3, seed=0, return_logits=True)
+    engine = _ENGINES[model]
+    generate(model, labels[:1], 3, seed=0)
+    assert _ENGINES[model] is engine and engine.cache.sequences == []
+    assert engine.cache.num_free_pages == engine.cache.num_pages
+    c, lc = generate(model, labels, 3, seed=0, page_size=4, return_logits=True)
+    assert torch.equal(a, c)
+    assert_steps_close(lc, la)
+    # An explicit engine, kept by the caller, gives the same result.
+    eng = Engine(model, max_rows=2, page_size=8)
+    assert torch.equal(eng.generate(labels, 3, seed=0), a)
+    with pytest.raises(ValueError, match="rows"):
+        eng.generate(labels, 3, seed=0, cfg_scale=2.0)
+
+
+def test_engine_with_triton_kernels(make_model):
+    pytest.importorskip("arpg_kernels.triton")
+    model = make_model(std=0.05)
+    labels = torch.tensor([5])
+    tokens, ref = generate(model, labels, 2, seed=3, cfg_scale=2.0, return_logits=True)
+    with ak.use_backend("triton"):
+        got_tokens, got = generate(model, labels, 2, seed=3, cfg_scale=2.0, teacher_tokens=tokens,
+                                   return_logits=True)
+    assert torch.equal(got_tokens, tokens)
+    assert_steps_close(got, ref, atol=1e-4, rtol=1e-4)
