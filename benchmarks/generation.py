@@ -1,0 +1,131 @@
+"""End-to-end generation: the ARPG engine (fast backend, CUDA graphs) against the eager original-style
+path and the raster-order baseline on the same engine, with classifier-free guidance.
+
+The three providers run interleaved in one process (engine, eager, raster, engine, ...), so the
+ratios compare runs made under the same conditions. Models have random weights: speed does not
+depend on them. Memory: `torch.cuda.max_memory_allocated` after a reset (weights included) on CUDA;
+on CPU the K/V bytes each path holds at the end of a generation and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+
+import torch
+
+from arpg import ARPG, RasterLM
+from arpg.config import ARPGConfig
+from arpg.eager import eager_generate
+from arpg.engine import Engine
+
+from .common import Record
+
+# A CPU-sized stand-in with the real step structure: a 16x16 grid (256 tokens), head_dim 64.
+CPU_CONFIG = ARPGConfig(dim=128, n_layer=4, n_head=2, vocab_size=1024, num_classes=10, grid_size=16, ffn_multiple_of=64)
+
+GPU_GRID = dict(models=["ARPG-L", "ARPG-XL", "ARPG-XXL"], steps=[32, 64], batches=[1, 16, 64, 256])
+CPU_GRID = dict(models=["cpu-tiny"], steps=[32, 64], batches=[1, 4])
+
+
+def _config(name: str) -> tuple[ARPGConfig, ARPGConfig]:
+    if name == "cpu-tiny":
+        return CPU_CONFIG, CPU_CONFIG
+    return ARPGConfig.from_name(name), ARPGConfig.from_name(name.replace("ARPG", "Raster"))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _eager_kv_bytes(model: ARPG, rows: int) -> int:
+    c = model.config
+    return 2 * model.num_cache_layers * rows * (c.seq_len) * c.dim * next(model.parameters()).element_size()
+
+
+def bench_generation(record: Record, device: torch.device, grid: dict, dtype: torch.dtype, cfg_scale: float = 4.0,
+                     repeats: int = 3, raster_repeats: int = 1, progress=None) -> list[dict]:
+    """Run the grid; returns one summary dict per (model, steps, batch)."""
+    summaries = []
+    for name in grid["models"]:
+        arpg_cfg, raster_cfg = _config(name)
+        torch.manual_seed(0)
+        model = ARPG(arpg_cfg).to(device, dtype).eval()
+        raster = RasterLM(raster_cfg).to(device, dtype).eval()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        for batch in grid["batches"]:
+            labels = torch.arange(batch, device=device) % arpg_cfg.num_classes
+            rows = 2 * batch
+            engine = Engine(model, rows, use_cuda_graphs=True)
+            raster_engine = Engine(raster, rows, use_cuda_graphs=True)
+            for steps in grid["steps"]:
+                runs = {
+                    "arpg-engine": lambda: engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0),
+                    "arpg-eager": lambda: eager_generate(model, labels, steps, cfg_scale=cfg_scale, seed=0),
+                    "raster-engine": lambda: raster_engine.generate(labels, cfg_scale=cfg_scale, seed=0),
+                }
+                n_steps = {"arpg-engine": steps, "arpg-eager": steps, "raster-engine": raster_cfg.seq_len}
+                for fn in runs.values():  # warm-up: graph capture, allocator, autotuning
+                    fn()
+                _sync(device)
+                times = {k: [] for k in runs}
+                peaks = {}
+                for rep in range(repeats):
+                    for key, fn in runs.items():
+                        if key == "raster-engine" and rep >= raster_repeats:
+                            continue
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        fn()
+                        _sync(device)
+                        times[key].append(time.perf_counter() - t0)
+                        if device.type == "cuda":
+                            peaks[key] = torch.cuda.max_memory_allocated(device) / 2**20
+                if device.type != "cuda":
+                    peaks = {
+                        "arpg-engine": engine.cache.nbytes / 2**20,
+                        "arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
+                        "raster-engine": raster_engine.cache.nbytes / 2**20,
+                    }
+                cfg = {"model": name, "steps": steps, "batch": batch, "cfg_scale": cfg_scale,
+                       "dtype": str(dtype).replace("torch.", ""), "weights_mib": round(weights / 2**20, 1)}
+                summary = {"config": cfg}
+                mem_metric = "peak_memory" if device.type == "cuda" else "kv_cache_memory"
+                for key, ts in times.items():
+                    med = statistics.median(ts)
+                    # Rows are grouped by the ARPG step count; decode_steps says what each path ran.
+                    row_cfg = {**cfg, "decode_steps": n_steps[key]}
+                    record.add("generation", "generate", key, row_cfg, "latency", "ms", med * 1e3, min(ts) * 1e3, max(ts) * 1e3, len(ts))
+                    record.add("generation", "generate", key, row_cfg, "images_per_s", "img/s", batch / med)
+                    record.add("generation", "generate", key, row_cfg, "ms_per_step", "ms", med * 1e3 / n_steps[key])
+                    record.add("generation", "generate", key, row_cfg, mem_metric, "MiB", peaks[key])
+                    summary[key] = {"images_per_s": batch / med, "ms_per_step": med * 1e3 / n_steps[key], "mem_mib": peaks[key]}
+                ratio_eager = summary["arpg-engine"]["images_per_s"] / summary["arpg-eager"]["images_per_s"]
+                ratio_raster = summary["arpg-engine"]["images_per_s"] / summary["raster-engine"]["images_per_s"]
+                record.add("generation", "generate", "ratio", cfg, "ratio_engine/eager", "x", ratio_eager)
+                record.add("generation", "generate", "ratio", cfg, "ratio_arpg/raster", "x", ratio_raster)
+                summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster)
+                summaries.append(summary)
+                print(
+                    f"  {name} {steps} steps batch {batch}: engine {summary['arpg-engine']['images_per_s']:.2f} img/s, "
+                    f"eager {summary['arpg-eager']['images_per_s']:.2f}, raster {summary['raster-engine']['images_per_s']:.2f}; "
+                    f"engine/eager {ratio_eager:.2f}x, ARPG/raster {ratio_raster:.2f}x"
+                )
+                if progress is not None:
+                    progress.update(1)
+            del engine, raster_engine
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del model, raster
+        gc.collect()
+    if device.type != "cuda":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        record.add("process", "peak_rss", "all", {}, "peak_rss", "MiB", rss)
+        print(f"  process peak RSS: {rss:.0f} MiB")
+    return summaries
