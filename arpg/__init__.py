@@ -1,13 +1,15 @@
 """ARPG: randomized parallel autoregressive image generation on paged attention kernels.
 
 `ARPG` (weight-compatible with the published checkpoints) and the raster baseline `RasterLM`, their
-configs, the paged decoding engine (`generate`, `Engine`), the eager oracle (`eager_generate`) and
-checkpoint I/O.
+configs, the paged decoding engine (`generate`, `Engine`), editing on the same engine (`inpaint`,
+`outpaint`, `expand`), the eager oracle (`eager_generate`) and checkpoint I/O. The command line is
+`arpg.cli` (multi-process sampling: `arpg.distributed`).
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import CONFIGS, RASTER_CONFIGS, ARPGConfig, find_multiple, get_config
 from .eager import eager_generate
+from .edit import expand, inpaint, outpaint
 from .engine import Engine, Step, draw_order, generate, make_plan
 from .model import ARPG, PagedBatch, apply_rope, precompute_rope_2d
 from .raster import RasterLM
@@ -27,12 +29,15 @@ __all__ = [
     "cfg_scales",
     "draw_order",
     "eager_generate",
+    "expand",
     "filter_logits",
     "find_multiple",
     "generate",
     "get_config",
+    "inpaint",
     "load_checkpoint",
     "make_plan",
+    "outpaint",
     "precompute_rope_2d",
     "sample",
     "save_checkpoint",

@@ -32,20 +32,22 @@ __all__ = [
 ]
 
 
-def precompute_rope_2d(grid_size: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
-    """2D RoPE table [grid_size**2 + 1, head_dim // 2, 2] (cos, sin), float32.
+def precompute_rope_2d(grid_size, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """2D RoPE table [H * W + 1, head_dim // 2, 2] (cos, sin), float32.
 
-    Row 0 is the class token and is all zeros (its rotated q and k are zero vectors). Row p >= 1 is cell
-    (row, col) = divmod(p - 1, grid_size): the first head_dim // 4 pairs rotate by row * f_k, the next
-    head_dim // 4 by col * f_k, with f_k = base ** (-2k / (head_dim / 2)) (LlamaGen's layout).
+    grid_size: g for a g x g grid, or (H, W). Row 0 is the class token and is all zeros (its rotated q
+    and k are zero vectors). Row p >= 1 is cell (row, col) = divmod(p - 1, W): the first head_dim // 4
+    pairs rotate by row * f_k, the next head_dim // 4 by col * f_k, with f_k = base ** (-2k / (head_dim / 2))
+    (LlamaGen's layout).
     """
+    rows, cols = (grid_size, grid_size) if isinstance(grid_size, int) else (int(grid_size[0]), int(grid_size[1]))
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2, device=device).float() / half))
-    t = torch.arange(grid_size, device=device)
-    freqs = torch.outer(t, freqs)  # [g, head_dim // 4]
+    row_angles = torch.outer(torch.arange(rows, device=device), freqs)  # [H, head_dim // 4]
+    col_angles = torch.outer(torch.arange(cols, device=device), freqs)  # [W, head_dim // 4]
     grid = torch.cat(
-        [freqs[:, None, :].expand(-1, grid_size, -1), freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1
-    )  # [g, g, head_dim // 2]: row angles, then column angles
+        [row_angles[:, None, :].expand(-1, cols, -1), col_angles[None, :, :].expand(rows, -1, -1)], dim=-1
+    )  # [H, W, head_dim // 2]: row angles, then column angles
     table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
     return torch.cat([torch.zeros(1, half, 2, device=device), table])
 
@@ -241,7 +243,7 @@ class ARPG(nn.Module):
         self.layers = TwoPassDecoder(config)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self._rope: dict[torch.device, torch.Tensor] = {}
+        self._rope: dict[tuple[torch.device, tuple[int, int]], torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -260,14 +262,18 @@ class ARPG(nn.Module):
         if zero_head:
             nn.init.zeros_(self.head.weight)
 
-    def rope_table(self, device) -> torch.Tensor:
-        """Float32 2D RoPE table [seq_len + 1, head_dim // 2, 2] on `device` (made once per device)."""
-        device = torch.device(device)
-        table = self._rope.get(device)
+    def rope_table(self, device, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Float32 2D RoPE table [H * W + 1, head_dim // 2, 2] on `device`, made once per (device, grid).
+
+        grid: the (H, W) token grid, default the model's (grid_size, grid_size); larger grids serve
+        resolution expansion (`arpg.edit.expand`).
+        """
+        c = self.config
+        key = (torch.device(device), (c.grid_size, c.grid_size) if grid is None else (int(grid[0]), int(grid[1])))
+        table = self._rope.get(key)
         if table is None:
-            c = self.config
-            table = precompute_rope_2d(c.grid_size, c.head_dim, c.rope_base).to(device)
-            self._rope[device] = table
+            table = precompute_rope_2d(key[1], c.head_dim, c.rope_base).to(key[0])
+            self._rope[key] = table
         return table
 
     def class_ids(self, labels: torch.Tensor) -> torch.Tensor:
@@ -326,15 +332,17 @@ class ARPG(nn.Module):
         pos_q: torch.Tensor,
         cache,
         batch: PagedBatch,
+        grid: Optional[tuple[int, int]] = None,
     ) -> torch.Tensor:
         """One decoding step on packed rows.
 
         tokens, pos_in: [T_in] ids and content positions of the tokens sampled last step (the class
-        token at position 0 on the first step); they attend the whole cache and each other.
-        pos_q: [T_q] target positions of this step's queries. cache: an `ak.PagedKVCache` with
-        `num_cache_layers` layers. Returns float32 logits [T_q, V].
+        token at position 0, and any known tokens, on the first step); they attend the whole cache and
+        each other. pos_q: [T_q] target positions of this step's queries. cache: an `ak.PagedKVCache`
+        with `num_cache_layers` layers. grid: the (H, W) token grid whose RoPE positions pos_in and
+        pos_q index (default the model's). Returns float32 logits [T_q, V].
         """
-        rope = self.rope_table(tokens.device)
+        rope = self.rope_table(tokens.device, grid)
         rope_in, rope_q = rope[pos_in], rope[pos_q]
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers.self_dec):

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["SCHEDULES", "token_schedule", "cfg_scales", "filter_logits", "sample", "make_generator"]
+__all__ = ["SCHEDULES", "token_schedule", "cfg_scales", "filter_logits", "sample", "make_generator", "make_generators"]
 
 SCHEDULES = ("arccos", "cosine")
 
@@ -111,3 +111,14 @@ def make_generator(device, seed: Optional[int] = None, generator: Optional[torch
     if seed is None:
         return None
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+def make_generators(device, bsz: int, seed=None, generator=None):
+    """`make_generator`, also taking one generator or one seed per sample (a list of B)."""
+    if isinstance(generator, (list, tuple)) or (generator is None and isinstance(seed, (list, tuple))):
+        gens = list(generator) if generator is not None else [make_generator(device, s) for s in seed]
+        if len(gens) != bsz:
+            name = "generator" if generator is not None else "seed"
+            raise ValueError(f"{name} has {len(gens)} entries for a batch of {bsz}")
+        return gens
+    return make_generator(device, seed, generator)
