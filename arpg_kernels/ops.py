@@ -106,22 +106,35 @@ def _scale(scale: Optional[float], head_dim: int) -> float:
     return float(head_dim) ** -0.5 if scale is None else float(scale)
 
 
-# paged_attention ------------------------------------------------------------------------------
+# Schemas, declared once. Registration goes through torch.library's low-level API rather than
+# `custom_op`, whose eager dispatch imports torch._dynamo on the first call (seconds per process).
+_lib = torch.library.Library("arpg", "DEF")
+_lib.define(
+    "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
+    "Tensor cu_q_lens, int max_q_len, bool causal=False, float? scale=None, bool return_lse=False) -> (Tensor, Tensor)"
+)
+_lib.define("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None) -> (Tensor, Tensor)")
+_lib.define(
+    "attention_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "bool causal, float? scale=None) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)")
+
+_DEVICES = ("cpu", "cuda")
 
 
-@torch.library.custom_op("arpg::paged_attention", mutates_args=())
-def _paged_attention(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    block_table: Tensor,
-    kv_lens: Tensor,
-    cu_q_lens: Tensor,
-    max_q_len: int,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    return_lse: bool = False,
-) -> tuple[Tensor, Tensor]:
+def _impl(name: str):
+    return torch.library.impl(f"arpg::{name}", _DEVICES, lib=_lib)
+
+
+def _fake(name: str):
+    return torch.library.register_fake(f"arpg::{name}", lib=_lib)
+
+
+@_impl("paged_attention")
+def _paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal=False, scale=None,
+                     return_lse=False):
     checks.check_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, return_lse)
     impl = resolve_backend("paged_attention", q, k_cache, block_table)
     return impl.paged_attention(
@@ -129,62 +142,46 @@ def _paged_attention(
     )
 
 
-@_paged_attention.register_fake
+@_fake("paged_attention")
 def _(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal=False, scale=None, return_lse=False):
     checks.check_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, return_lse)
     lse_shape = q.shape[:2] if return_lse else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-# append_kv ------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("arpg::append_kv", mutates_args=("k_cache", "v_cache"))
-def _append_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+@_impl("append_kv")
+def _append_kv(k, v, k_cache, v_cache, slot_mapping):
     checks.check_append_kv(k, v, k_cache, v_cache, slot_mapping)
     resolve_backend("append_kv", k, k_cache, slot_mapping).append_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
-@_append_kv.register_fake
+@_fake("append_kv")
 def _(k, v, k_cache, v_cache, slot_mapping):
     checks.check_append_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
-# attention (dense, differentiable) -------------------------------------------------------------
-
-
-@torch.library.custom_op("arpg::attention", mutates_args=())
-def _attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+@_impl("attention")
+def _attention(q, k, v, causal=True, scale=None):
     checks.check_attention(q, k, v, causal, scale)
     impl = resolve_backend("attention_forward", q, k, v)
     return impl.attention_forward(q, k, v, causal, _scale(scale, q.shape[-1]))
 
 
-@_attention.register_fake
+@_fake("attention")
 def _(q, k, v, causal=True, scale=None):
     checks.check_attention(q, k, v, causal, scale)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("arpg::attention_backward", mutates_args=())
-def _attention_backward(
-    dout: Tensor,
-    dlse: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: Optional[float] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+@_impl("attention_backward")
+def _attention_backward(dout, dlse, q, k, v, out, lse, causal, scale=None):
     impl = resolve_backend("attention_backward", q, k, v)
     return impl.attention_backward(
         dout.contiguous(), dlse.contiguous(), q, k, v, out, lse, causal, _scale(scale, q.shape[-1])
     )
 
 
-@_attention_backward.register_fake
+@_fake("attention_backward")
 def _(dout, dlse, q, k, v, out, lse, causal, scale=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -206,19 +203,16 @@ def _attention_grad(ctx, dout, dlse):
     return dq, dk, dv, None, None
 
 
-_attention.register_autograd(_attention_grad, setup_context=_attention_setup_context)
+torch.library.register_autograd("arpg::attention", _attention_grad, setup_context=_attention_setup_context, lib=_lib)
 
 
-# merge_attention_states ----------------------------------------------------------------------
-
-
-@torch.library.custom_op("arpg::merge_attention_states", mutates_args=())
-def _merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+@_impl("merge_attention_states")
+def _merge_attention_states(out_a, lse_a, out_b, lse_b):
     checks.check_merge(out_a, lse_a, out_b, lse_b)
     return resolve_backend("merge_attention_states", out_a).merge_attention_states(out_a, lse_a, out_b, lse_b)
 
 
-@_merge_attention_states.register_fake
+@_fake("merge_attention_states")
 def _(out_a, lse_a, out_b, lse_b):
     checks.check_merge(out_a, lse_a, out_b, lse_b)
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
