@@ -99,7 +99,11 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
     if name == "cuda":
         why = "arpg_kernels._C is not built" if not cuda_backend.is_available() else "these inputs"
         _warn_once(f"arpg: the cuda backend has no {op} kernel for {why}; using triton instead")
-    return _triton()
+    triton_backend = _triton()
+    if triton_backend.supports(op, *tensors):
+        return triton_backend
+    _warn_once(f"arpg: no fast {op} kernel for head_dim {tensors[0].shape[-1]} / these shapes; using the reference")
+    return reference
 
 
 def _scale(scale: Optional[float], head_dim: int) -> float:

@@ -412,3 +412,15 @@ def test_reference_is_graph_friendly_no_host_sync():
     meta = case.to("meta")
     out, lse = reference.paged_attention(*meta.args(), meta.causal, 0.1, True)
     assert out.shape == case.q.shape and lse.shape == case.q.shape[:2]
+
+
+def test_triton_supports_names_the_shapes_it_cannot_take():
+    from arpg_kernels import triton as triton_backend
+
+    q64, q59 = torch.empty(1, 2, 64), torch.empty(1, 2, 59)
+    cache16, cache12 = torch.empty(2, 16, 1, 64), torch.empty(2, 12, 1, 64)
+    assert triton_backend.supports("paged_attention", q64, cache16)
+    assert not triton_backend.supports("paged_attention", q64, cache12)
+    assert not triton_backend.supports("paged_attention", q59, cache16)
+    assert not triton_backend.supports("attention_forward", torch.empty(1, 1, 2, 8))
+    assert triton_backend.supports("append_kv", torch.empty(1, 1, 59), cache12)
