@@ -16,7 +16,7 @@ def _append_kv_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_kcp, stride_kcs, stride_kch, stride_kcd,
     stride_vcp, stride_vcs, stride_vch, stride_vcd,
-    HKV, PAGE_SIZE,
+    HKV, PAGE_SIZE, num_slots,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -25,7 +25,8 @@ def _append_kv_kernel(
     i_t = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_slot = tl.load(slot_mapping + i_t).to(tl.int64)
-    if i_slot < 0:
+    # -1 skips the row; so does any slot outside the cache (unchecked input never writes out of bounds).
+    if (i_slot < 0) | (i_slot >= num_slots):
         return
     i_page = i_slot // PAGE_SIZE
     i_off = i_slot % PAGE_SIZE
@@ -62,7 +63,7 @@ def append_kv(
         v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        hkv, page_size,
+        hkv, page_size, k_cache.shape[0] * page_size,
         HEAD_DIM=d,
         BLOCK_H=block_h,
         BLOCK_D=block_d,

@@ -43,6 +43,7 @@ def _paged_attention_tile(
     stride_vp, stride_vs, stride_vd,
     stride_btp,
     scale_log2,
+    num_pages,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,11 +57,14 @@ def _paged_attention_tile(
     if PAGE_SIZE >= BLOCK_N:
         # Tiles start on multiples of BLOCK_N, so a tile never straddles a page.
         i_page = tl.load(p_bt + (start // PAGE_SIZE) * stride_btp).to(tl.int64)
+        # Unchecked input must not read outside the cache: clamp page ids into [0, num_pages).
+        i_page = tl.minimum(tl.maximum(i_page, 0), num_pages - 1)
         o_slot = (start % PAGE_SIZE) + tl.arange(0, BLOCK_N)
         o_k = i_page * stride_kp + o_slot * stride_ks
         o_v = i_page * stride_vp + o_slot * stride_vs
     else:
         i_page = tl.load(p_bt + (o_n // PAGE_SIZE) * stride_btp, mask=m_n, other=0).to(tl.int64)
+        i_page = tl.minimum(tl.maximum(i_page, 0), num_pages - 1)
         o_slot = o_n % PAGE_SIZE
         o_k = i_page * stride_kp + o_slot * stride_ks
         o_v = i_page * stride_vp + o_slot * stride_vs
@@ -106,6 +110,9 @@ def _paged_attention_fwd_kernel(
     HKV,
     num_splits,
     scale_log2,
+    num_pages,
+    max_kv,
+    num_rows,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -128,14 +135,15 @@ def _paged_attention_fwd_kernel(
     q_len = tl.load(cu_q_lens + i_b + 1) - q_start
     if i_m * BLOCK_M >= q_len * GROUP:
         return
-    kv_len = tl.load(kv_lens + i_b)
+    # Clamped so that even unchecked lengths stay inside the block table row.
+    kv_len = tl.minimum(tl.maximum(tl.load(kv_lens + i_b), 0), max_kv)
 
     o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_i = o_r // GROUP
     o_h = i_hkv * GROUP + o_r % GROUP
     o_d = tl.arange(0, HEAD_DIM)
-    m_r = o_i < q_len
     o_t = q_start.to(tl.int64) + o_i
+    m_r = (o_i < q_len) & (o_t >= 0) & (o_t < num_rows)
     b_q = tl.load(q + o_t[:, None] * stride_qt + o_h[:, None] * stride_qh + o_d[None, :] * stride_qd,
                   mask=m_r[:, None], other=0.0)
     if INTERP_BF16:
@@ -171,13 +179,13 @@ def _paged_attention_fwd_kernel(
     for start in range(lo, mid, BLOCK_N):
         b_acc, b_l, b_m = _paged_attention_tile(
             b_acc, b_l, b_m, b_q, p_k, p_v, p_bt, start, hi, b_limit,
-            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_btp, scale_log2,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_btp, scale_log2, num_pages,
             HEAD_DIM, PAGE_SIZE, BLOCK_N, False, INTERP_BF16, DOT_PRECISION,
         )
     for start in range(mid, hi, BLOCK_N):
         b_acc, b_l, b_m = _paged_attention_tile(
             b_acc, b_l, b_m, b_q, p_k, p_v, p_bt, start, hi, b_limit,
-            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_btp, scale_log2,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_btp, scale_log2, num_pages,
             HEAD_DIM, PAGE_SIZE, BLOCK_N, True, INTERP_BF16, DOT_PRECISION,
         )
 
@@ -283,6 +291,9 @@ def paged_attention(
         hkv,
         num_splits,
         scale * math.log2(math.e),
+        num_pages,
+        max_kv,
+        t,
         GROUP=group,
         HEAD_DIM=d,
         PAGE_SIZE=page_size,

@@ -326,3 +326,21 @@ def test_wrapper_reads_no_device_values(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     for num_splits in (None, 1, 3):
         paged_attention(q, kc, vc, bt, kvl, cu, 3, True, 0.2, True, num_splits=num_splits)
+
+
+def test_unchecked_bad_indices_stay_inside_the_cache():
+    """With the op-level checks bypassed, wild page ids, lengths and slots must not touch memory
+    outside the cache (under the interpreter an out-of-bounds access kills the process)."""
+    from arpg_kernels import triton as triton_backend
+
+    q = torch.randn(3, 2, 32)
+    kc, vc = torch.randn(2, 16, 1, 32), torch.randn(2, 16, 1, 32)
+    table = torch.tensor([[1, 999], [-5, 0]], dtype=torch.int32)
+    lens = torch.tensor([10_000, 20], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)  # ends past T = 3
+    out, lse = triton_backend.paged_attention(q, kc, vc, table, lens, cu, 3, False, 0.1, True)
+    assert torch.isfinite(out).all()
+    k = torch.randn(3, 1, 32)
+    before = kc.clone()
+    triton_backend.append_kv(k, k, kc, vc, torch.tensor([5, 32, 10_000]))
+    assert torch.equal(kc.view(32, 1, 32)[5], k[0]) and torch.equal(kc.view(32, 1, 32)[6:], before.view(32, 1, 32)[6:])
