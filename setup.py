@@ -1,0 +1,183 @@
+"""Build script for arpg-kernels.
+
+The Python packages always install. The CUDA extension `arpg_kernels._C` (csrc/) is built when a CUDA
+toolkit is found and torch is a CUDA build, or when FORCE_CUDA=1; ARPG_SKIP_CUDA_BUILD=1 skips it.
+Whether this machine has a GPU plays no part. torch comes from the environment:
+
+    pip install --no-build-isolation -e .
+
+Environment: CUDA_HOME (the toolkit; otherwise found through `nvcc`, which may be a wrapper script),
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; the kernels need sm_80+), MAX_JOBS (default 2),
+FORCE_CUDA, ARPG_SKIP_CUDA_BUILD.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+# Console scripts, "name = module:function".
+ENTRY_POINTS: dict[str, list[str]] = {
+    "console_scripts": ["arpg = arpg.cli:main", "arpg-bench = benchmarks.run:main"],
+}
+
+
+def _log(message: str) -> None:
+    print(f"arpg_kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_toolkit(path: Path) -> bool:
+    return (path / "bin" / "nvcc").is_file() and any(
+        (path / sub / "cuda_runtime.h").is_file() for sub in ("include", "targets/x86_64-linux/include")
+    )
+
+
+def _toolkit_of_nvcc(nvcc: str) -> Path | None:
+    """The toolkit behind an `nvcc` on PATH, which may be a symlink or a wrapper script that execs the real one."""
+    real = Path(os.path.realpath(nvcc))
+    if _is_toolkit(real.parent.parent):
+        return real.parent.parent
+    try:
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
+    if match:
+        top = Path(os.path.realpath(match.group(1).strip()))
+        if _is_toolkit(top):
+            return top
+    return None
+
+
+def find_cuda_home() -> Path | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(var)
+        if value and _is_toolkit(Path(value)):
+            return Path(value)
+    candidates = [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for nvcc in candidates:
+        if nvcc and Path(nvcc).exists():
+            home = _toolkit_of_nvcc(nvcc)
+            if home is not None:
+                return home
+    return None
+
+
+def _extra_cuda_includes(cuda_home: Path) -> list[str]:
+    """ATen's CUDA headers include cublas_v2.h and cusparse.h, which a slim toolkit may lack; the
+    nvidia-* wheels that come with torch carry them."""
+    if (cuda_home / "include" / "cublas_v2.h").is_file() and (cuda_home / "include" / "cusparse.h").is_file():
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        for include in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            if any(os.path.isfile(os.path.join(include, h)) for h in ("cublas_v2.h", "cusparse.h")):
+                found.append(include)
+    return found
+
+
+def cuda_extension_plan():
+    """(reason the extension is skipped or None, cuda_home)."""
+    if _flag("ARPG_SKIP_CUDA_BUILD"):
+        return "ARPG_SKIP_CUDA_BUILD is set", None
+    force = _flag("FORCE_CUDA")
+    try:
+        import torch
+    except ImportError:
+        return "torch is not importable here (install torch first, then pip install --no-build-isolation)", None
+    cuda_home = find_cuda_home()
+    if torch.version.cuda is None and not force:
+        return f"CPU-only torch {torch.__version__}: torch.version.cuda is None", None
+    if cuda_home is None:
+        if force:
+            raise RuntimeError("arpg_kernels: FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
+        return "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)", None
+    return None, cuda_home
+
+
+def cuda_extension(cuda_home: Path):
+    os.environ["CUDA_HOME"] = str(cuda_home)  # read by torch.utils.cpp_extension when it is imported
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ.setdefault("MAX_JOBS", "2")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    # Kernels (cuda/*.cu) are torch-free and go through nvcc; adapters and schemas (*.cpp) through the
+    # host compiler only, which keeps the torch headers out of nvcc and the build short.
+    files = [*CSRC.glob("ops/*.cpp"), *CSRC.glob("cuda/*.cpp"), *CSRC.glob("cuda/*.cu"), CSRC / "python_module.cpp"]
+    sources = sorted(str(p.relative_to(ROOT)) for p in files)
+    system_includes = [arg for inc in _extra_cuda_includes(cuda_home) for arg in ("-isystem", inc)]
+    _log(
+        f"building the CUDA extension with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST="
+        f"{os.environ['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS={os.environ['MAX_JOBS']}"
+    )
+    ext = CUDAExtension(
+        name="arpg_kernels._C",
+        sources=sources,
+        include_dirs=[str(CSRC / "include"), str(CSRC / "cuda")],
+        extra_compile_args={
+            "cxx": ["-O3", "-DPy_LIMITED_API=0x030A0000", *system_includes],
+            "nvcc": ["-O3", "-lineinfo", *system_includes],
+        },
+        py_limited_api=True,
+    )
+    return ext, BuildExtension.with_options(use_ninja=True)
+
+
+def main() -> None:
+    ext_modules = []
+    cmdclass = {}
+    options = {}
+    reason, cuda_home = cuda_extension_plan()
+    if reason is None:
+        ext, build_ext = cuda_extension(cuda_home)
+        ext_modules.append(ext)
+        cmdclass["build_ext"] = build_ext
+        options["bdist_wheel"] = {"py_limited_api": "cp310"}
+    else:
+        _log(f"building without the CUDA extension ({reason})")
+
+    setup(
+        name="arpg-kernels",
+        version="0.1.0",
+        description="Paged attention kernels (Triton, CUDA) and a decoding engine for ARPG random-order image generation",
+        long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+        long_description_content_type="text/markdown",
+        packages=find_packages(include=["arpg_kernels", "arpg_kernels.*", "arpg", "arpg.*", "benchmarks"]),
+        package_data={"arpg": ["data/*.safetensors"]},
+        python_requires=">=3.10",
+        install_requires=["torch>=2.11", "numpy", "safetensors", "pillow", "tqdm"],
+        extras_require={
+            "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn", "matplotlib", "triton>=3.6"],
+            "bench": ["matplotlib", "scikit-learn"],
+        },
+        entry_points=ENTRY_POINTS,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        options=options,
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
