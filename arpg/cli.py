@@ -468,10 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canvas", type=lambda s: _ints(s, 2, "--canvas"), default=None,
                    help="H,W of the result in tokens (default: twice the image along the side's axis)")
     p.set_defaults(func=_cmd_outpaint)
+
+    # These two have their own parsers in arpg.digits; `main` hands them the rest of the command line.
+    sub.add_parser("train-digits", add_help=False, help="train the small ARPG on scikit-learn's digits")
+    sub.add_parser("eval-digits", add_help=False, help="measure the digits model against an independent judge")
     return parser
 
 
+_DIGITS_COMMANDS = {"train-digits": "train_main", "eval-digits": "eval_main"}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _DIGITS_COMMANDS:
+        from . import digits
+
+        return getattr(digits, _DIGITS_COMMANDS[argv[0]])(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("batch", "num", "steps", "num_per_class", "num_images"):

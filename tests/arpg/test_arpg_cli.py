@@ -145,3 +145,12 @@ def test_edit_errors(files, tmp_path, capsys):
     fails(capsys, ["outpaint", *ckpt, *base, *img, "--side", "left", "--canvas", "3,8"], "smaller than")
     assert run(["inpaint", *ckpt, *base, *img, "--box", "0,0,1"]) == 2  # argparse: 4 integers
     assert not (tmp_path / "x.png").exists()
+
+
+def test_digits_commands_are_handed_to_their_own_parsers(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-digits", "--help"])
+    assert e.value.code == 0 and "usage: arpg train-digits" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["eval-digits", "--help"])
+    assert e.value.code == 0 and "usage: arpg eval-digits" in capsys.readouterr().out
