@@ -47,8 +47,9 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.T
     n_pages = -(-max_kv_len // page_size)
     pages = block_table[:, :n_pages].long().clamp(0, max(num_pages - 1, 0))
     b = block_table.shape[0]
-    k = k_cache[pages].reshape(b, n_pages * page_size, *k_cache.shape[2:])[:, :max_kv_len]
-    v = v_cache[pages].reshape(b, n_pages * page_size, *v_cache.shape[2:])[:, :max_kv_len]
+    flat = pages.reshape(-1)
+    k = k_cache.index_select(0, flat).view(b, n_pages * page_size, *k_cache.shape[2:])[:, :max_kv_len]
+    v = v_cache.index_select(0, flat).view(b, n_pages * page_size, *v_cache.shape[2:])[:, :max_kv_len]
     return k, v
 
 
@@ -95,8 +96,6 @@ def paged_attention(
     qp[seq, pos] = q.to(acc)
 
     group = h // hkv
-    kf = k.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)  # [B, H, S, D]
-    vf = v.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
     key = torch.arange(max_kv, device=q.device)
     kv_len = kv_lens.long()
     mask = key[None, None, :] < kv_len[:, None, None]  # [B, 1, S]
@@ -106,9 +105,15 @@ def paged_attention(
         mask = mask & (key[None, None, :] < limit[:, :, None])
     else:
         mask = mask.expand(b, qmax, max_kv)
-    o, lse = _masked_softmax_attention(qp.transpose(1, 2), kf, vf, mask[:, None], scale)
-    out = o.transpose(1, 2)[seq, pos].to(q.dtype)  # [T, H, D]
-    lse = lse.transpose(1, 2)[seq, pos].float()  # [T, H]
+    # Heads sharing a KV head become extra query rows, so K/V are never repeated: [B, Hkv, G * Lq, D].
+    qg = qp.view(b, qmax, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, group * qmax, d)
+    kf, vf = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)  # [B, Hkv, S, D]
+    mask_g = mask[:, None, None].expand(b, 1, group, qmax, max_kv).reshape(b, 1, group * qmax, max_kv)
+    o, lse = _masked_softmax_attention(qg, kf, vf, mask_g, scale)
+    o = o.view(b, hkv, group, qmax, d).permute(0, 3, 1, 2, 4).reshape(b, qmax, h, d)
+    lse = lse.view(b, hkv, group, qmax).permute(0, 3, 1, 2).reshape(b, qmax, h)
+    out = o[seq, pos].to(q.dtype)  # [T, H, D]
+    lse = lse[seq, pos].float()  # [T, H]
     return out, lse if return_lse else q.new_empty((0,), dtype=torch.float32)
 
 

@@ -31,14 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--steps", default=None, help="comma-separated step counts")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     quick = args.quick or device.type != "cuda"
     out = args.out or RESULTS_DIR / _slug(device_name(device))
     record = Record(out / "results.csv", device)
     print(f"arpg-bench on {record.env['device']} (torch {record.env['torch']}, triton {record.env['triton']}), "
-          f"{'quick' if quick else 'full'} grid; rows -> {record.path}")
+          f"{'quick' if quick else 'full'} grid, {torch.get_num_threads()} CPU threads; rows -> {record.path}")
     try:
         from tqdm import tqdm as progress_factory
     except ImportError:
