@@ -1,4 +1,4 @@
-"""Random paged-attention cases and an independent float64 oracle, shared by the tests of every backend."""
+"""Random paged-attention cases, an independent float64 oracle and the tolerance rule, shared by the tests of every backend."""
 
 from __future__ import annotations
 
@@ -121,3 +121,21 @@ def naive_paged_attention(case: PagedCase, scale: float | None = None):
 
 def tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}[dtype]
+
+
+def assert_close_to_fp64(name, got, hi, lo, ulps=1.0):
+    """Error vs float64 at most twice the reference's own error in `lo`'s precision, plus `ulps` ulps."""
+    assert got.shape == hi.shape and got.dtype == lo.dtype, name
+    got64, lo64 = got.double().cpu(), lo.double().cpu()
+    hi = hi.cpu()
+    assert not torch.isnan(got64).any(), f"{name}: NaN"
+    inf = torch.isinf(hi)
+    assert torch.equal(torch.isinf(got64), inf), f"{name}: infinities differ"
+    assert torch.equal(got64[inf], hi[inf]), f"{name}: infinities differ"
+    fin = ~inf
+    if not fin.any():
+        return
+    err = (got64[fin] - hi[fin]).abs().max().item()
+    ref_err = (lo64[fin] - hi[fin]).abs().max().item()
+    atol = ulps * torch.finfo(lo.dtype).eps * max(hi[fin].abs().max().item(), 1.0)
+    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} vs reference error {ref_err:.3g} (+{atol:.3g})"

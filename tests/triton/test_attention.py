@@ -10,6 +10,7 @@ import torch
 
 from arpg_kernels import reference
 from arpg_kernels.triton import attention_backward, attention_forward
+from kv_cases import assert_close_to_fp64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,24 +54,6 @@ def make_inputs(case: Case, seed: int = 0, device: str = DEVICE):
     dout = rand(case.b, case.lq, case.h, case.d)
     dlse = (0.5 * torch.randn(case.b, case.lq, case.h, generator=g)).to(device)
     return q, k, v, dout, dlse
-
-
-def assert_close_to_fp64(name, got, hi, lo, ulps=1.0):
-    """Error vs float64 at most twice the reference's own error in `lo`'s precision, plus `ulps` ulps."""
-    assert got.shape == hi.shape and got.dtype == lo.dtype, name
-    got64, lo64 = got.double().cpu(), lo.double().cpu()
-    hi = hi.cpu()
-    assert not torch.isnan(got64).any(), f"{name}: NaN"
-    inf = torch.isinf(hi)
-    assert torch.equal(torch.isinf(got64), inf), f"{name}: infinities differ"
-    assert torch.equal(got64[inf], hi[inf]), f"{name}: infinities differ"
-    fin = ~inf
-    if not fin.any():
-        return
-    err = (got64[fin] - hi[fin]).abs().max().item()
-    ref_err = (lo64[fin] - hi[fin]).abs().max().item()
-    atol = ulps * torch.finfo(lo.dtype).eps * max(hi[fin].abs().max().item(), 1.0)
-    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} vs reference error {ref_err:.3g} (+{atol:.3g})"
 
 
 def check_case(case: Case, seed: int = 0):

@@ -8,6 +8,7 @@ import torch
 from arpg_kernels import reference
 from arpg_kernels.triton import merge_attention_states
 from arpg_kernels.triton.merge import combine_splits
+from kv_cases import assert_close_to_fp64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -26,24 +27,6 @@ def make_states(t, h, d, dtype, seed, empty_frac=0.25):
         out[empty] = 0.0
     to = lambda x, dt: x.to(dt).to(DEVICE)  # noqa: E731
     return to(out_a, dtype), to(lse_a, torch.float32), to(out_b, dtype), to(lse_b, torch.float32)
-
-
-def assert_close_to_fp64(name, got, hi, lo, ulps=1.0):
-    """Error vs float64 at most twice the reference's own error in `lo`'s precision, plus `ulps` ulps."""
-    assert got.shape == hi.shape and got.dtype == lo.dtype, name
-    got64, lo64 = got.double().cpu(), lo.double().cpu()
-    hi = hi.cpu()
-    assert not torch.isnan(got64).any(), f"{name}: NaN"
-    inf = torch.isinf(hi)
-    assert torch.equal(torch.isinf(got64), inf), f"{name}: infinities differ"
-    assert torch.equal(got64[inf], hi[inf]), f"{name}: infinities differ"
-    fin = ~inf
-    if not fin.any():
-        return
-    err = (got64[fin] - hi[fin]).abs().max().item()
-    ref_err = (lo64[fin] - hi[fin]).abs().max().item()
-    atol = ulps * torch.finfo(lo.dtype).eps * max(hi[fin].abs().max().item(), 1.0)
-    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} vs reference error {ref_err:.3g} (+{atol:.3g})"
 
 
 SHAPES = [(1, 1, 32), (5, 3, 64), (17, 16, 128), (9, 40, 32), (3, 2, 16)]
