@@ -25,9 +25,13 @@ def _heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.view(*t.shape[:2], n_head, -1)
 
 
-def _sdpa(q, k, v) -> torch.Tensor:
-    """q: [R, n, H, D]; k, v: [R, H, S, D] -> [R, n, H * D]."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)
+def _sdpa(q, k, v, causal: bool = False) -> torch.Tensor:
+    """q: [R, n, H, D]; k, v: [R, H, S, D] -> [R, n, H * D]. causal: query i sees keys 0..S - n + i."""
+    mask = None
+    if causal:
+        n, s = q.shape[1], k.shape[2]
+        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(s - n)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
     return o.transpose(1, 2).flatten(2)
 
 
@@ -44,8 +48,10 @@ class _DenseCache:
         return self.k, self.v
 
 
-def _eager_step(model: ARPG, tokens, rope_in, rope_q, n_q: int, caches: list[_DenseCache]) -> torch.Tensor:
-    """tokens [R, n_in]; rope_in [n_in, D/2, 2]; rope_q [n_q, D/2, 2] -> float32 logits [R, n_q, V]."""
+def _eager_step(model: ARPG, tokens, rope_in, rope_q, n_q: int, caches: list[_DenseCache],
+                causal: bool = False) -> torch.Tensor:
+    """tokens [R, n_in]; rope_in [n_in, D/2, 2]; rope_q [n_q, D/2, 2] -> float32 logits [R, n_q, V].
+    causal: the fed tokens attend each other causally (`ARPG.decode_step`'s flag)."""
     h = model.config.n_head
     x = model.embeddings(tokens)
     for layer, cache in zip(model.layers.self_dec, caches):
@@ -54,7 +60,7 @@ def _eager_step(model: ARPG, tokens, rope_in, rope_q, n_q: int, caches: list[_De
         q = apply_rope(_heads(a.to_q(xn), h), rope_in)
         k = apply_rope(_heads(a.to_k(xn), h), rope_in)
         k_all, v_all = cache.update(k, _heads(a.to_v(xn), h))
-        x = x + a.proj(_sdpa(q, k_all, v_all))
+        x = x + a.proj(_sdpa(q, k_all, v_all, causal))
         x = x + layer.ffn(layer.ffn_norm(x))
     k, v = model.layers.shared_kv(x, rope_in)
     k_all, v_all = caches[-1].update(k, v)

@@ -2,8 +2,10 @@
 
 An edit is a generation whose samples start with known tokens. Sample b's class token and its K_b
 known tokens are fed together at the first step: one pass through the self layers in which they attend
-each other and the class token with no mask (as every decoding step does), appending their K/V and the
-shared cross-layer K/V to the paged cache. The U_b = L - K_b unknown positions are then predicted in a
+the class token and each other causally, in the order the sample's permutation visits them (as in
+training, where a random order's first K_b tokens see exactly that; with no mask among 48 known tokens
+the digits model's class-guided inpainting fell from 1.0 to 0.43 judge accuracy), appending their K/V
+and the shared cross-layer K/V to the paged cache. The U_b = L - K_b unknown positions are then predicted in a
 random order, several per step, exactly as `generate` does, with the schedule of DESIGN.md section 1
 run over U_b instead of L (the linear guidance ramp too: `1 + (g - 1) * done / U_b`). Known tokens are
 never changed and every unknown position is predicted exactly once. Under guidance the unconditional
@@ -143,7 +145,7 @@ def _edit(
         todo = [i for i in perm if not row[i]]
         steps = min(num_steps, len(todo)) if isinstance(schedule, str) else num_steps
         plans.append(make_plan(seq_len, steps, todo, schedule, cfg_scale, cfg_schedule,
-                               known=[i for i, k in enumerate(row) if k]))
+                               known=[i for i in perm if row[i]]))
     engine = engine_for(model, bsz * (2 if use_cfg else 1), page_size, use_cuda_graphs, seq_len)
     return engine.run(plans, labels, tokens.to(device), grid, use_cfg, temperature, top_k, top_p, gens,
                       return_logits, teacher_tokens)

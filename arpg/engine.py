@@ -63,8 +63,9 @@ def make_plan(
     """The steps of a generation that predicts `order` (token indices) in schedule-sized groups.
 
     Step s feeds the tokens step s-1 predicted (step 0 the class token) and predicts the next n_s of
-    the order. known: token indices given in advance (editing); step 0 feeds them together with the
-    class token (no mask among them) and `order` must be a permutation of the other indices. The
+    the order. known: token indices given in advance (editing); step 0 feeds them after the class
+    token, in the order given, attending each other causally as in training (`decode_step(causal=True)`),
+    and `order` must be a permutation of the other indices. The
     schedule and the linear guidance ramp run over the U = len(order) predicted tokens (L of
     DESIGN.md section 1 becomes U). An empty order gives no steps. Steps with n_s = 0 (only possible
     in an explicit list of counts) are dropped: running one would only move the feeding of the
@@ -132,6 +133,7 @@ class _StepInputs:
     q_counts: tuple[int, ...]  # queries per sample (host)
     uniform: bool  # every row feeds the same number of tokens and sends the same number of queries
     batch: PagedBatch
+    causal: bool  # the fed tokens attend each other causally (step 0 of an edit: class + known tokens)
 
 
 class _GraphStep:
@@ -318,7 +320,7 @@ class Engine:
             in_index, pos_in, pos_q, out_index = views[4 * i : 4 * i + 4]
             inputs.append(
                 _StepInputs(in_index, pos_in, pos_q, out_index, scales_t[done : done + sum(q_counts)], q_counts,
-                            uniform, batch)
+                            uniform, batch, causal=i == 0 and max(plan.num_new) > 1)
             )
             done += sum(q_counts)
         return seq_ids, inputs
@@ -326,9 +328,11 @@ class Engine:
     def _run(self, tokens: torch.Tensor, inp: _StepInputs, rows: int, grid) -> torch.Tensor:
         b = inp.batch
         kwargs = {} if grid is None else {"grid": grid}
+        if inp.causal:
+            kwargs["causal"] = True
         if not (self.use_cuda_graphs and inp.uniform):
             return self.model.decode_step(tokens, inp.pos_in, inp.pos_q, self.cache, b, **kwargs)
-        key = (grid, rows, b.max_in, b.max_q)
+        key = (grid, rows, b.max_in, b.max_q, inp.causal)
         runner = self._graphs.get(key)
         if runner is None:
             runner = _GraphStep(rows, b.max_in, b.max_q, self.pages_per_seq, self.device)

@@ -333,6 +333,7 @@ class ARPG(nn.Module):
         cache,
         batch: PagedBatch,
         grid: Optional[tuple[int, int]] = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """One decoding step on packed rows.
 
@@ -340,13 +341,15 @@ class ARPG(nn.Module):
         token at position 0, and any known tokens, on the first step); they attend the whole cache and
         each other. pos_q: [T_q] target positions of this step's queries. cache: an `ak.PagedKVCache`
         with `num_cache_layers` layers. grid: the (H, W) token grid whose RoPE positions pos_in and
-        pos_q index (default the model's). Returns float32 logits [T_q, V].
+        pos_q index (default the model's). causal: a row's fed tokens attend each other causally, in the
+        order given, as in training (an edit's first step, which feeds the known tokens); else with no
+        mask, as the original feeds each step's sampled tokens. Returns float32 logits [T_q, V].
         """
         rope = self.rope_table(tokens.device, grid)
         rope_in, rope_q = rope[pos_in], rope[pos_q]
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers.self_dec):
-            x = layer.forward_paged(x, rope_in, *cache.layer(i), batch)
+            x = layer.forward_paged(x, rope_in, *cache.layer(i), batch, causal)
         k, v = self.layers.shared_kv(x, rope_in)
         k_cache, v_cache = cache.layer(len(self.layers.self_dec))
         ak.append_kv(k, v, k_cache, v_cache, batch.slot_mapping)

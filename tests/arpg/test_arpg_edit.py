@@ -24,7 +24,7 @@ def random_known(counts, seq_len, seed=0):
 def dense_oracle(model, tokens, known, label, order, num_steps, grid):
     """One sample's logits per step, with dense per-step K/V (`eager._eager_step`) and the teacher tokens."""
     seq_len = grid[0] * grid[1]
-    known_idx = known.nonzero().flatten().tolist()
+    known_idx = [i for i in order if known[i]]  # fed in the order's sequence, causally (as in training)
     todo = [i for i in order if not known[i]]
     steps = make_plan(seq_len, min(num_steps, len(todo)), todo, known=known_idx)
     rope = model.rope_table("cpu", grid)
@@ -35,7 +35,8 @@ def dense_oracle(model, tokens, known, label, order, num_steps, grid):
     with torch.no_grad():
         for st in steps:
             pos_in, pos_q = torch.tensor(st.pos_in), torch.tensor(st.targets) + 1
-            out.append(_eager_step(model, seq[pos_in][None], rope[pos_in], rope[pos_q], st.n_q, caches)[0])
+            out.append(_eager_step(model, seq[pos_in][None], rope[pos_in], rope[pos_q], st.n_q, caches,
+                                   causal=st is steps[0])[0])
     return out
 
 
