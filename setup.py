@@ -164,7 +164,7 @@ def main() -> None:
         long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
         long_description_content_type="text/markdown",
         packages=find_packages(include=["arpg_kernels", "arpg_kernels.*", "arpg", "arpg.*", "benchmarks"]),
-        package_data={"arpg": ["data/*.safetensors"]},
+        package_data={"arpg": ["data/*.safetensors", "data/*.json"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.11", "numpy", "safetensors", "pillow", "tqdm"],
         extras_require={

@@ -292,6 +292,7 @@ class ARPG(nn.Module):
         labels: torch.Tensor,
         orders: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        context: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training step.
 
@@ -299,6 +300,8 @@ class ARPG(nn.Module):
         labels: [B] class labels (negative = no class); in train mode each is dropped to "no class"
             with probability `config.class_dropout`.
         orders: [B, L] per-sample permutations of the token indices 0..L-1 (drawn if None).
+        context: [B, L] the tokens fed as context, if not `tokens` themselves (a training run may corrupt
+            some, so that the model learns to recover from its own sampling errors); targets stay `tokens`.
         Returns logits float32 [B, L, V] in generation order (logits[b, j] predicts
         tokens[b, orders[b, j]]) and the mean cross-entropy.
         """
@@ -319,7 +322,8 @@ class ARPG(nn.Module):
         pos_in = torch.cat([torch.zeros_like(pos_q[:, :1]), pos_q[:, :-1]], dim=1)
         rope = self.rope_table(device)
 
-        x = self.embeddings(torch.cat([cls[:, None], targets[:, :-1]], dim=1))
+        inputs = targets if context is None else context.to(device).gather(1, orders)
+        x = self.embeddings(torch.cat([cls[:, None], inputs[:, :-1]], dim=1))
         q = self.layers(x, self.mask_queries(bsz, seq), rope[pos_in], rope[pos_q])
         logits = self.head(self.norm(q)).float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -159,6 +159,28 @@ def test_random_orders_and_class_dropout(make_model):
     assert torch.equal(seen["ids"][kept], labels[kept] + cfg.vocab_size + 1)
 
 
+def test_context_feeds_other_tokens_against_the_same_targets(make_model):
+    model = make_model().eval()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len), generator=g)
+    labels = torch.tensor([0, 1, 2])
+    orders = torch.rand(3, cfg.seq_len, generator=g).argsort(1)
+    base, base_loss = model(tokens, labels, orders=orders)
+    same, same_loss = model(tokens, labels, orders=orders, context=tokens.clone())
+    assert torch.equal(base, same) and torch.equal(base_loss, same_loss)
+    # Corrupt the token decoded 5th: logits 0..5 only see the class and the first 5 tokens, so they keep.
+    context = tokens.clone()
+    pos = orders[:, 5]
+    context[torch.arange(3), pos] = (tokens[torch.arange(3), pos] + 1) % cfg.vocab_size
+    got, got_loss = model(tokens, labels, orders=orders, context=context)
+    torch.testing.assert_close(got[:, :6], base[:, :6])
+    assert not torch.allclose(got[:, 6:], base[:, 6:])
+    # The loss is still against `tokens`: recomputing it from the logits and the clean targets agrees.
+    want = torch.nn.functional.cross_entropy(got.reshape(-1, cfg.vocab_size), tokens.gather(1, orders).reshape(-1))
+    torch.testing.assert_close(got_loss, want)
+
+
 def _train(model, steps, seed=0, lr=3e-3):
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
