@@ -123,8 +123,25 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}[dtype]
 
 
-def assert_close_to_fp64(name, got, hi, lo, ulps=1.0):
-    """Error vs float64 at most twice the reference's own error in `lo`'s precision, plus `ulps` ulps."""
+# ulps of the result's scale a kernel may be off beyond twice the reference's own error, per result dtype.
+# fp32: on a GPU `tl.exp2`/`exp2f` compile to ex2.approx.ftz.f32 and fp32 division to div.full.f32 (about
+# 2 ulp each) where the interpreter and the reference compute both exactly, and numpy versions differ in
+# their last bits. 16-bit results: rounding to the storage dtype dominates, which the reference shares.
+ULPS = {torch.float64: 4.0, torch.float32: 4.0, torch.float16: 1.0, torch.bfloat16: 1.0}
+
+
+def allowance(dtype: torch.dtype, ref_err: float, scale: float, ulps: float | None = None) -> float:
+    """The largest error vs float64 accepted from a kernel whose reference, in the same dtype, is off by ref_err."""
+    ulps = ULPS[dtype] if ulps is None else ulps
+    return 2 * ref_err + ulps * torch.finfo(dtype).eps * max(scale, 1.0)
+
+
+def assert_close_to_fp64(name, got, hi, lo, ulps=None):
+    """`got` vs the float64 result `hi` within `allowance`, where `lo` is the reference computed in got's dtype.
+
+    ulps overrides `ULPS[dtype]` (16-bit gradients round dS and P once more than the forward does).
+    Infinities (an LSE of -inf for a query that sees no key) must match exactly; NaN never passes.
+    """
     assert got.shape == hi.shape and got.dtype == lo.dtype, name
     got64, lo64 = got.double().cpu(), lo.double().cpu()
     hi = hi.cpu()
@@ -137,5 +154,5 @@ def assert_close_to_fp64(name, got, hi, lo, ulps=1.0):
         return
     err = (got64[fin] - hi[fin]).abs().max().item()
     ref_err = (lo64[fin] - hi[fin]).abs().max().item()
-    atol = ulps * torch.finfo(lo.dtype).eps * max(hi[fin].abs().max().item(), 1.0)
-    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} vs reference error {ref_err:.3g} (+{atol:.3g})"
+    limit = allowance(lo.dtype, ref_err, hi[fin].abs().max().item(), ulps)
+    assert err <= limit, f"{name}: error {err:.3g} vs reference error {ref_err:.3g} (allowed {limit:.3g})"

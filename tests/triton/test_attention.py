@@ -64,7 +64,7 @@ def check_case(case: Case, seed: int = 0):
     out_lo, lse_lo = reference.attention_forward(q, k, v, case.causal, scale)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert_close_to_fp64("out", out, out_hi, out_lo)
-    assert_close_to_fp64("lse", lse, lse_hi, lse_lo, ulps=4.0)
+    assert_close_to_fp64("lse", lse, lse_hi, lse_lo)
 
     grads = attention_backward(dout, dlse, q, k, v, out, lse, case.causal, scale)
     grads_hi = reference.attention_backward(
@@ -75,7 +75,7 @@ def check_case(case: Case, seed: int = 0):
         assert got.shape == x.shape and got.dtype == x.dtype, name
         # Gradients go through the cancelling difference dP - delta, and in 16 bits p and dS are rounded
         # before the products (as in FlashAttention): a few ulps on top.
-        assert_close_to_fp64(name, got, hi, lo, ulps=4.0 if x.dtype == torch.float32 else 2.0)
+        assert_close_to_fp64(name, got, hi, lo, ulps=None if x.dtype == torch.float32 else 2.0)
 
 
 EDGE_CASES = [
