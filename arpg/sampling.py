@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 __all__ = ["SCHEDULES", "token_schedule", "cfg_scales", "filter_logits", "sample", "make_generator", "make_generators"]
@@ -17,11 +18,12 @@ SCHEDULES = ("arccos", "cosine")
 
 
 def _mask_ratio(schedule: str, step: int, num_steps: int) -> float:
-    t = (step + 1) / num_steps
+    # The original's arithmetic to the last bit (numpy's arccos/cos, its order of operations): a rounding
+    # difference moves int(L * ratio) across an integer for some (L, N), e.g. L=64, N=39 (cosine).
     if schedule == "arccos":
-        return math.acos(t) / (math.pi / 2)
+        return float(np.arccos(1.0 * (step + 1) / num_steps) / (math.pi * 0.5))
     if schedule == "cosine":
-        return math.cos(math.pi / 2 * t)
+        return float(np.cos(math.pi / 2.0 * (step + 1) / num_steps))
     raise ValueError(f"schedule must be one of {SCHEDULES} or a list of counts, got {schedule!r}")
 
 

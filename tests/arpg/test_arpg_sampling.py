@@ -2,22 +2,32 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from arpg import cfg_scales, filter_logits, make_plan, sample, token_schedule
 
 
-def formula(num_steps, seq_len, schedule):
-    """DESIGN.md section 1, written out again."""
-    counts, done = [], 0
-    for s in range(num_steps):
-        t = (s + 1) / num_steps
-        r = math.acos(t) / (math.pi / 2) if schedule == "arccos" else math.cos(math.pi / 2 * t)
-        mask_len = max(1, min(seq_len - done - 1, int(seq_len * r)))
-        n = seq_len - done if s == num_steps - 1 else seq_len - done - mask_len
-        counts.append(n)
-        done += n
+def original_counts(num_iter, seq_len, sample_schedule):
+    """The loop of ARPG.generate (hp-l33/ARPG, models/arpg.py), transcribed literally."""
+    counts, last_pos = [], 0
+    for step in range(num_iter):
+        if sample_schedule == 'arccos':
+            mask_ratio = np.arccos(1. * (step + 1) / num_iter) / (math.pi * 0.5)
+        elif sample_schedule == 'cosine':
+            mask_ratio = np.cos(math.pi / 2. * (step + 1) / num_iter)
+        else:
+            raise NotImplementedError
+
+        mask_len = int(seq_len * mask_ratio)
+        mask_len = max(1, min(seq_len - last_pos - 1, mask_len))
+
+        num_pred = seq_len - last_pos - mask_len
+        if step == num_iter - 1:
+            num_pred = seq_len - last_pos
+        counts.append(num_pred)
+        last_pos += num_pred
     return counts
 
 
@@ -30,16 +40,21 @@ def test_documented_counts():
     assert token_schedule(64, 256, "cosine")[0] == 1
     assert token_schedule(1, 256, "arccos") == [256]
     assert token_schedule(256, 256, "arccos") == [1] * 256
-    assert token_schedule(2, 16, "arccos") == formula(2, 16, "arccos")
 
 
+@pytest.mark.parametrize("seq_len", [16, 64, 256, 1024])
 @pytest.mark.parametrize("schedule", ["arccos", "cosine"])
-def test_every_step_count_works(schedule):
-    for seq_len in (16, 256):
-        for n in range(1, seq_len + 1):
-            counts = token_schedule(n, seq_len, schedule)
-            assert counts == formula(n, seq_len, schedule)
-            assert len(counts) == n and sum(counts) == seq_len and min(counts) >= 1
+def test_schedule_is_the_originals(schedule, seq_len):
+    for n in range(1, min(seq_len, 256) + 1):
+        counts = token_schedule(n, seq_len, schedule)
+        assert counts == original_counts(n, seq_len, schedule), (seq_len, n)
+        assert len(counts) == n and sum(counts) == seq_len and min(counts) >= 1
+
+
+def test_schedule_last_bit_cases():
+    # cos(pi/2 * ((s+1)/N)) and (pi/2 * (s+1)) / N differ in the last bit here, and int(L * ratio) with them.
+    for seq_len, n in ((64, 39), (256, 39), (256, 51)):
+        assert token_schedule(n, seq_len, "cosine") == original_counts(n, seq_len, "cosine")
 
 
 def test_schedule_errors():
