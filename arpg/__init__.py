@@ -13,7 +13,7 @@ from .edit import expand, inpaint, outpaint
 from .engine import Engine, Step, draw_order, generate, make_plan
 from .model import ARPG, PagedBatch, apply_rope, precompute_rope_2d
 from .raster import RasterLM
-from .sampling import cfg_scales, filter_logits, sample, token_schedule
+from .sampling import cfg_scales, filter_logits, guide, sample, token_schedule
 
 __all__ = [
     "ARPG",
@@ -27,6 +27,7 @@ __all__ = [
     "Step",
     "apply_rope",
     "cfg_scales",
+    "guide",
     "draw_order",
     "eager_generate",
     "expand",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .engine import draw_order, make_plan
 from .model import ARPG, apply_rope
-from .sampling import make_generator, sample
+from .sampling import guide, make_generator, sample
 
 __all__ = ["eager_generate"]
 
@@ -115,8 +115,7 @@ def eager_generate(
         if return_logits:
             all_logits.append(logits.clone())
         if use_cfg:
-            cond, uncond = logits[:bsz], logits[bsz:]
-            logits = uncond + (cond - uncond) * st.cfg
+            logits = guide(logits[:bsz], logits[bsz:], st.cfg)
         if teacher_tokens is not None:
             sampled = teacher_tokens.index_select(1, targets)
         else:

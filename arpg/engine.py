@@ -22,7 +22,7 @@ import torch
 import arpg_kernels as ak
 
 from .model import PagedBatch
-from .sampling import cfg_scales, make_generators, sample, token_schedule
+from .sampling import cfg_scales, guide, make_generators, sample, token_schedule
 
 __all__ = ["Step", "make_plan", "draw_order", "draw_orders", "Engine", "engine_for", "generate"]
 
@@ -405,8 +405,7 @@ class Engine:
                     if return_logits:
                         all_logits.append(logits.clone())
                     if use_cfg:
-                        cond, uncond = logits.chunk(2)
-                        logits = uncond + (cond - uncond) * inp.cfg
+                        logits = guide(*logits.chunk(2), inp.cfg)
                     if teacher_tokens is not None:
                         sampled = teacher_tokens.index_select(0, inp.out_index)
                     else:

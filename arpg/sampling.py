@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["SCHEDULES", "token_schedule", "cfg_scales", "filter_logits", "sample", "make_generator", "make_generators"]
+__all__ = ["SCHEDULES", "token_schedule", "cfg_scales", "guide", "filter_logits", "sample", "make_generator", "make_generators"]
 
 SCHEDULES = ("arccos", "cosine")
 
@@ -65,6 +65,15 @@ def cfg_scales(counts: Sequence[int], seq_len: int, cfg_scale: float, cfg_schedu
         done += n
         out.append(1.0 + (cfg_scale - 1.0) * done / seq_len)
     return out
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    """Classifier-free guidance: `uncond + (cond - uncond) * scale`, the original's expression and order.
+
+    cond, uncond: logits [..., V] of the conditional and unconditional rows; scale: a float or a tensor
+    that broadcasts against them (e.g. float32 [T_q, 1], one scale per query).
+    """
+    return uncond + (cond - uncond) * scale
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -178,8 +178,9 @@ def check_append_kv(k, v, k_cache, v_cache, slot_mapping):
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     _float("k", k)
     _float("v", v)
-    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
-        raise ValueError(f"k/v dtype {k.dtype}/{v.dtype} must match the cache dtype {k_cache.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != k_cache.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} must match the cache dtype {k_cache.dtype}")
     _same_device("k", k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     _last_dim_contiguous(k=k, v=v)
     if tuple(k.shape[1:]) != tuple(k_cache.shape[2:]):

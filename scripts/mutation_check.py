@@ -87,6 +87,30 @@ MUTATIONS = [
         ("tests/test_ops.py",),
     ),
     Mutation(
+        "attention-backward-default-scale", "arpg_kernels/ops.py",
+        "ctx.causal, ctx.scale)",
+        "ctx.causal, None)",
+        ("tests/test_ops.py",),
+    ),
+    Mutation(
+        "append-kv-v-dtype", "arpg_kernels/checks.py",
+        'for name, t in (("k", k), ("v", v)):',
+        'for name, t in (("k", k),):',
+        ("tests/test_ops.py",),
+    ),
+    Mutation(
+        "vq-raw-codebook", "arpg/vq.py",
+        "            emb = F.normalize(emb, p=2, dim=-1)\n",
+        "",
+        ("tests/arpg/test_vq.py",),
+    ),
+    Mutation(
+        "cfg-mix", "arpg/sampling.py",
+        "return uncond + (cond - uncond) * scale",
+        "return (uncond + cond) / 2 + (cond - uncond) * scale",
+        ("tests/arpg/test_arpg_engine.py",),
+    ),
+    Mutation(
         "cuda-drop-key", "csrc/include/arpg/paged_attention.cuh",
         "Min<int64_t>(kv_len, kv_cap)",
         "Min<int64_t>(kv_len - 1, kv_cap)",

@@ -149,21 +149,22 @@ def test_attention_forward_matches_float64(b, lq, lk, h, hkv, d, causal, dtype):
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, causal), atol=tolerance(dtype) * 4, rtol=tolerance(dtype))
 
 
+@pytest.mark.parametrize("scale", [None, 0.6])  # None: the default 1/sqrt(16)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lq,lk,h,hkv", [(6, 6, 2, 1), (3, 8, 4, 2), (8, 3, 2, 2)])
-def test_attention_gradients_match_autograd_of_float64(lq, lk, h, hkv, causal):
+def test_attention_gradients_match_autograd_of_float64(lq, lk, h, hkv, causal, scale):
     g = torch.Generator().manual_seed(lq + 10 * lk)
     q = torch.randn(2, lq, h, 16, generator=g, requires_grad=True)
     k = torch.randn(2, lk, hkv, 16, generator=g, requires_grad=True)
     v = torch.randn(2, lk, hkv, 16, generator=g, requires_grad=True)
-    out, lse = ak.attention(q, k, v, causal=causal, return_lse=True)
+    out, lse = ak.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
     w_out, w_lse = torch.randn_like(out), torch.randn_like(lse)
     ((out * w_out).sum() + (lse.nan_to_num(0, 0, 0) * w_lse).sum()).backward()
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     kk = k64.repeat_interleave(h // hkv, 2)
     vv = v64.repeat_interleave(h // hkv, 2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q64, kk) * 0.25
+    s = torch.einsum("bqhd,bkhd->bhqk", q64, kk) * (0.25 if scale is None else scale)
     if causal:
         allowed = torch.arange(lk)[None, :] < lk - lq + torch.arange(lq)[:, None] + 1
         s = s.masked_fill(~allowed, float("-inf"))
@@ -324,6 +325,8 @@ APPEND_ERRORS = [
     ("k rank", dict(k=torch.randn(3, 2)), ValueError, "k must have rank 3"),
     ("kv shape", dict(v=torch.randn(3, 2, 8)), ValueError, "k .* and v .* same shape"),
     ("dtype", dict(k=torch.randn(3, 2, 16).half(), v=torch.randn(3, 2, 16).half()), ValueError, "must match the cache dtype"),
+    ("v dtype", dict(v=torch.randn(3, 2, 16).half()), ValueError, "v dtype torch.float16 must match the cache dtype"),
+    ("v dtype bf16", dict(v=torch.randn(3, 2, 16).bfloat16()), ValueError, "v dtype torch.bfloat16 must match"),
     ("rows", dict(k=torch.randn(3, 1, 16), v=torch.randn(3, 1, 16)), ValueError, "must match the cache's"),
     ("slot dtype", dict(slot_mapping=torch.tensor([0, 1, 2], dtype=torch.int32)), ValueError, "slot_mapping must be torch.int64"),
     ("slot count", dict(slot_mapping=torch.tensor([0, 1])), ValueError, "slot_mapping has 2 entries"),

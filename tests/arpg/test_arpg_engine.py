@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import arpg_kernels as ak
-from arpg import Engine, eager_generate, generate, token_schedule
+from arpg import Engine, cfg_scales, eager_generate, generate, token_schedule
 from arpg.engine import _ENGINES
 
 
@@ -138,3 +138,24 @@ def test_engine_with_triton_kernels(make_model):
                                    return_logits=True)
     assert torch.equal(got_tokens, tokens)
     assert_steps_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["engine", "eager"])
+def test_guidance_is_the_formula(make_model, path):
+    # Greedy decoding picks argmax(u + (c - u) * g) of the step's own logits, g the step's scale.
+    model = make_model("ARPG-tiny", std=0.5)
+    seq_len = model.config.seq_len
+    order = torch.randperm(seq_len, generator=torch.Generator().manual_seed(2))
+    labels, num_steps, g = torch.tensor([3, 5]), 4, 4.0
+    run = generate if path == "engine" else eager_generate
+    tokens, logits = run(model, labels, num_steps, order=order, cfg_scale=g, cfg_schedule="linear",
+                         temperature=0.0, return_logits=True)
+    counts = token_schedule(num_steps, seq_len)
+    scales = cfg_scales(counts, seq_len, g, "linear")
+    assert len(set(scales)) == num_steps  # the ramp: each step its own scale
+    done = 0
+    for n, step_logits, scale in zip(counts, logits, scales):
+        c, u = step_logits.double().chunk(2)
+        want = (u + (c - u) * scale).argmax(-1)
+        assert torch.equal(tokens[:, order[done : done + n]], want)
+        done += n

@@ -292,12 +292,18 @@ def test_quantizer_idempotent_and_scale_invariant():
 def test_quantizer_picks_nearest_normalised_row():
     model = make_tiny()
     g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # a trained codebook's rows are not unit-norm (they are at init)
+        w = model.quantize.embedding.weight
+        w.mul_(torch.logspace(-1, 1, w.shape[0])[torch.randperm(w.shape[0], generator=g)][:, None])
     z = torch.randn(2, TINY.codebook_embed_dim, 4, 4, generator=g)
     with torch.no_grad():
         z_q, codes = model.quantize_latents(z)
     e = F.normalize(model.quantize.embedding.weight.detach(), dim=-1)
-    d = torch.cdist(F.normalize(z.permute(0, 2, 3, 1), dim=-1).reshape(-1, e.shape[1]), e)
+    zn = F.normalize(z.permute(0, 2, 3, 1), dim=-1).reshape(-1, e.shape[1])
+    d = torch.cdist(zn, e)
     assert torch.equal(codes.reshape(-1), d.argmin(dim=1))
+    # the raw rows would pick other codes: the normalisation is what this checks
+    assert not torch.equal(d.argmin(dim=1), torch.cdist(zn, model.quantize.embedding.weight.detach()).argmin(dim=1))
     torch.testing.assert_close(z_q, e[codes].permute(0, 3, 1, 2))
     # chunked distance blocks give the same answer
     model.quantize.chunk_rows = 5
