@@ -33,8 +33,35 @@ ENTRY_POINTS: dict[str, list[str]] = {
 }
 
 
+# Runtime and extra dependencies with the ranges we support. .ci/run installs the newest release each range
+# allows, in a fresh virtual environment, and runs the suite: raise an upper bound only after it has passed
+# with that release.
+INSTALL_REQUIRES = [
+    "torch>=2.11,<2.15",
+    "numpy>=2.0,<2.5",
+    "safetensors>=0.4,<0.9",
+    "pillow>=10,<13",
+    "tqdm>=4.60,<5",
+]
+_PLOTS = ["matplotlib>=3.8,<3.12", "scikit-learn>=1.4,<1.10"]
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-benchmark>=4,<6", "triton>=3.6,<3.9", *_PLOTS],
+    "bench": _PLOTS,
+}
+
+
 def _log(message: str) -> None:
-    print(f"arpg_kernels: {message}", file=sys.stderr, flush=True)
+    line = f"arpg_kernels: {message}"
+    print(line, file=sys.stderr, flush=True)
+    # pip captures a build backend's output and shows it only with -v or on failure; the person at the
+    # terminal should still see whether a few minutes of nvcc are coming, so write there too.
+    # (Only once: pip runs this file for the metadata first, then for the build.)
+    if not sys.stderr.isatty() and "dist_info" not in sys.argv and "egg_info" not in sys.argv:
+        try:
+            with open("/dev/tty", "w") as tty:
+                print(line, file=tty, flush=True)
+        except OSError:
+            pass
 
 
 def _flag(name: str) -> bool:
@@ -129,7 +156,8 @@ def cuda_extension(cuda_home: Path):
     system_includes = [arg for inc in _extra_cuda_includes(cuda_home) for arg in ("-isystem", inc)]
     _log(
         f"building the CUDA extension with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST="
-        f"{os.environ['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS={os.environ['MAX_JOBS']}"
+        f"{os.environ['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS={os.environ['MAX_JOBS']} "
+        "(a few minutes; ARPG_SKIP_CUDA_BUILD=1 skips it)"
     )
     ext = CUDAExtension(
         name="arpg_kernels._C",
@@ -166,11 +194,8 @@ def main() -> None:
         packages=find_packages(include=["arpg_kernels", "arpg_kernels.*", "arpg", "arpg.*", "benchmarks"]),
         package_data={"arpg": ["data/*.safetensors", "data/*.json"]},
         python_requires=">=3.10",
-        install_requires=["torch>=2.11", "numpy", "safetensors", "pillow", "tqdm"],
-        extras_require={
-            "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn", "matplotlib", "triton>=3.6"],
-            "bench": ["matplotlib", "scikit-learn"],
-        },
+        install_requires=INSTALL_REQUIRES,
+        extras_require=EXTRAS_REQUIRE,
         entry_points=ENTRY_POINTS,
         ext_modules=ext_modules,
         cmdclass=cmdclass,
