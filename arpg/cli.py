@@ -1,13 +1,16 @@
 """`arpg` command line: sample class-conditional images, inpaint and outpaint.
 
     arpg sample --ckpt arpg_l.pt --config ARPG-L --vq vq_ds16_c2i.pt --num-per-class 50 --npz out.npz
+    arpg sample --ckpt digits --num-per-class 4 --png digits.png     (the shipped 8x8 digits model)
     torchrun --nproc_per_node 8 -m arpg.cli sample ...     (same images as one process)
     arpg inpaint --ckpt ... --vq ... --image in.png --box 4,4,12,12 --class 207 --png out.png
     arpg outpaint --ckpt ... --vq ... --image in.png --side right --class 207 --png out.png
 
 Images go to a PNG grid and/or an `.npz` with `arr_0` uint8 [N, H, W, 3] (the ADM FID evaluator's
 format) and `labels`; without a tokenizer (or with --tokens-only) the `.npz` holds the token grids
-under `tokens` instead. Errors in the inputs (missing or mismatched checkpoint, bad image or mask)
+under `tokens` instead. A digits model (`arpg.digits`: its tokens are pixel values) needs no tokenizer:
+its images are the pixels as grey levels (`arpg.digits.to_rgb`, [N, 8, 8, 3]), drawn 8x larger in the PNG.
+Errors in the inputs (missing or mismatched checkpoint, bad image or mask, a device this machine lacks)
 end with one line on stderr and exit status 2; --debug shows the traceback instead.
 """
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from typing import Optional
 
@@ -25,6 +29,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import CONFIGS, RASTER_CONFIGS, get_config
+from .digits import SHIPPED_CHECKPOINT, is_digits_config, save_grid, to_rgb
 from .vq import VQ_CONFIGS
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -39,14 +44,94 @@ class CLIError(Exception):
 # inputs ---------------------------------------------------------------------------------------
 
 
-def _ints(text: str, n: Optional[int] = None, name: str = "value") -> list[int]:
+# Argument types: argparse reports their errors as "arpg <command>: error: argument --x: <message>".
+
+
+def _int_list(n: Optional[int] = None):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip() != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+        if n is not None and len(values) != n:
+            raise argparse.ArgumentTypeError(f"needs {n} comma-separated integers, got {text!r}")
+        return values
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
     try:
-        values = [int(v) for v in text.split(",") if v.strip() != ""]
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if n is not None and len(values) != n:
-        raise argparse.ArgumentTypeError(f"{name} needs {n} comma-separated integers, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    """auto, cpu, cuda, cuda:N, ...: checked here, so a missing GPU is not reported as a bad checkpoint."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use --device cpu "
+                                             "(or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            valid = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s); use {valid}")
+    return text
+
+
+def _checkpoint_file(expected: str):
+    """A type that accepts an existing file whose first bytes are a torch file's (zip, or a legacy pickle)
+    or, where `expected` names it, a safetensors file's (8-byte little-endian header length, then `{`)."""
+    safetensors = ".safetensors" in expected
+
+    def check(path: str) -> str:
+        if not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"{path}: no such file (expected {expected})")
+        with open(path, "rb") as f:
+            head = f.read(9)
+        torch_file = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+        safetensors_file = (safetensors and len(head) == 9 and head[8:] == b"{"
+                            and 8 + int.from_bytes(head[:8], "little") <= os.path.getsize(path))
+        if not (torch_file or safetensors_file):
+            raise argparse.ArgumentTypeError(f"{path} is not a checkpoint (expected {expected})")
+        return path
+
+    return check
+
+
+_model_file = _checkpoint_file("a torch .pt/.pth or .safetensors file, or `digits`")
+
+
+def _model_checkpoint(text: str) -> str:
+    return _model_file(SHIPPED_CHECKPOINT if text == "digits" else text)
+
+
+# Options whose value is a comma-separated list of integers; see _attach_negative_lists.
+_INT_LIST_OPTIONS = ("--box", "--canvas", "--classes")
+
+
+def _attach_negative_lists(argv: list[str]) -> list[str]:
+    """`--box -1,0,4,4` -> `--box=-1,0,4,4`: argparse takes a value starting with '-' that is not a plain
+    number for an option, and would report "expected one argument" instead of the range check's message."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _INT_LIST_OPTIONS and i + 1 < len(argv) and re.match(r"-\d", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _device(args) -> torch.device:
@@ -78,8 +163,6 @@ def _stored_config(path: str) -> Optional[dict]:
 
 
 def _load_model(args, device, dtype):
-    if not os.path.isfile(args.ckpt):
-        raise CLIError(f"checkpoint not found: {args.ckpt}")
     stored = _stored_config(args.ckpt) if args.config else None
     if stored is not None:
         # Sizes the weights do not show (grid_size, rope_base, ...) must agree too.
@@ -101,8 +184,6 @@ def _load_model(args, device, dtype):
 def _load_vq(args, model, device):
     from .vq import VQCheckpointError, load_vq
 
-    if not os.path.isfile(args.vq):
-        raise CLIError(f"tokenizer checkpoint not found: {args.vq}")
     try:
         vq = load_vq(args.vq, VQ_CONFIGS[args.vq_config], device=device)
     except VQCheckpointError as e:
@@ -154,12 +235,16 @@ def _center_resize(arr: np.ndarray, size: tuple[int, int], resample) -> np.ndarr
     return np.asarray(im.resize((tw, th), resample))
 
 
+def _grid_columns(n: int, nrow: Optional[int]) -> int:
+    return nrow or max(1, math.ceil(math.sqrt(n)))
+
+
 def _save_png(images: np.ndarray, path: str, nrow: Optional[int] = None, pad: int = 2) -> None:
     """uint8 [N, H, W, 3] -> one grid image."""
     from PIL import Image
 
     n, h, w, _ = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    nrow = _grid_columns(n, nrow)
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, im in enumerate(images):
@@ -196,14 +281,16 @@ def _cmd_sample(args) -> int:
     if args.num_images is not None and args.num_per_class is not None:
         raise CLIError("give --num-per-class or --num-images, not both")
     if args.classes is None and args.num_images is None and args.num_per_class is None:
-        raise CLIError("say what to sample: --classes, --num-per-class and/or --num-images")
-    tokens_only = args.tokens_only or args.vq is None
-    if tokens_only and args.png:
-        raise CLIError("--png needs images: give --vq (and drop --tokens-only)")
+        raise CLIError("say what to sample: give --classes, --num-per-class and/or --num-images")
     rank, world, device = init_distributed(_device(args))
     try:
         model = _load_model(args, device, _dtype(args, device))
         c = model.config
+        # A digits model's tokens are pixels: they are images without a tokenizer.
+        digits = args.vq is None and not args.tokens_only and is_digits_config(c)
+        tokens_only = args.tokens_only or (args.vq is None and not digits)
+        if tokens_only and args.png:
+            raise CLIError("--png needs images: give --vq (and drop --tokens-only)")
         classes = args.classes if args.classes is not None else list(range(c.num_classes))
         bad = [k for k in classes if not 0 <= k < c.num_classes]
         if bad:
@@ -211,7 +298,10 @@ def _cmd_sample(args) -> int:
         labels = class_labels(classes, args.num_per_class, args.num_images)
         if not labels:
             raise CLIError("no images to sample")
-        decode = None if tokens_only else _decoder(_load_vq(args, model, device))
+        if digits:
+            decode = to_rgb
+        else:
+            decode = None if tokens_only else _decoder(_load_vq(args, model, device))
         raster = getattr(model, "decode_order", "random") == "raster"
         if not raster and not 1 <= args.steps <= c.seq_len:
             raise CLIError(f"--steps {args.steps}: the model's {c.grid_size}x{c.grid_size} grid takes 1 to "
@@ -227,14 +317,14 @@ def _cmd_sample(args) -> int:
             **_gen_kwargs(args),
         )
         if rank == 0:
-            _write(args, result, np.asarray(labels, dtype=np.int64), tokens_only)
+            _write(args, result, np.asarray(labels, dtype=np.int64), tokens_only, digits)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
     return 0
 
 
-def _write(args, result: np.ndarray, labels: np.ndarray, tokens_only: bool) -> None:
+def _write(args, result: np.ndarray, labels: np.ndarray, tokens_only: bool, digits: bool) -> None:
     if args.npz:
         _parent(args.npz)
         if tokens_only:
@@ -243,7 +333,11 @@ def _write(args, result: np.ndarray, labels: np.ndarray, tokens_only: bool) -> N
             np.savez(args.npz, arr_0=result, labels=labels)
         print(f"wrote {args.npz} ({len(result)} {'token grids' if tokens_only else 'images'})", file=sys.stderr)
     if args.png:
-        _save_png(result, args.png, args.nrow)
+        if digits:  # 8x8-pixel images: drawn 8x larger, on grey, so the white paper of each digit shows
+            cols = _grid_columns(len(result), args.nrow)
+            save_grid([list(result[i : i + cols]) for i in range(0, len(result), cols)], args.png, scale=8)
+        else:
+            _save_png(result, args.png, args.nrow)
         print(f"wrote {args.png}", file=sys.stderr)
 
 
@@ -410,13 +504,15 @@ def build_parser() -> argparse.ArgumentParser:
     configs = sorted(CONFIGS) + sorted(RASTER_CONFIGS)
 
     def common(p, vq_required: bool):
-        p.add_argument("--ckpt", required=True, help="model checkpoint (.pt / .pth / .safetensors)")
+        p.add_argument("--ckpt", required=True, type=_model_checkpoint,
+                       help="model checkpoint (.pt / .pth / .safetensors), or `digits`: the shipped digits model")
         p.add_argument("--config", choices=configs, default=None, metavar="NAME",
                        help=f"model config: {', '.join(configs)} (default: the config stored in the checkpoint)")
-        p.add_argument("--vq", required=vq_required, default=None, help="VQ tokenizer checkpoint (vq_ds16_c2i.pt)")
+        p.add_argument("--vq", required=vq_required, default=None, type=_checkpoint_file("a torch .pt/.pth file"),
+                       help="VQ tokenizer checkpoint (vq_ds16_c2i.pt)")
         p.add_argument("--vq-config", choices=sorted(VQ_CONFIGS), default="VQ-16",
                        help="tokenizer config (default VQ-16, LlamaGen's vq_ds16_c2i.pt)")
-        p.add_argument("--steps", type=int, default=64, help="decoding steps (default 64)")
+        p.add_argument("--steps", type=_positive_int, default=64, help="decoding steps (default 64)")
         p.add_argument("--schedule", choices=["arccos", "cosine"], default="arccos")
         p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off; default 4)")
         p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
@@ -425,22 +521,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
         p.add_argument("--seed", type=int, default=0,
                        help="images depend on the seed and --batch (batch i uses a seed derived from (seed, i))")
-        p.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
+        p.add_argument("--batch", type=_positive_int, default=32, help="images per batch (default 32)")
         p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-        p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:1, cpu")
+        p.add_argument("--device", type=_device_name, default="auto",
+                       help="auto (CUDA when available), cuda, cuda:1, cpu")
         p.add_argument("--png", default=None, help="write an image grid here")
         p.add_argument("--npz", default=None, help="write the images here (arr_0 uint8 [N, H, W, 3], labels)")
-        p.add_argument("--nrow", type=int, default=None, help="images per row of the PNG grid")
+        p.add_argument("--nrow", type=_positive_int, default=None, help="images per row of the PNG grid")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
-    p = sub.add_parser("sample", help="class-conditional samples (torchrun-aware)")
+    p = sub.add_parser("sample", help="class-conditional samples (torchrun-aware)",
+                       description="Class-conditional samples. Say what to sample with at least one of --classes, "
+                                   "--num-per-class and --num-images.")
     common(p, vq_required=False)
-    p.add_argument("--classes", type=lambda s: _ints(s, name="--classes"), default=None,
-                   help="comma-separated class labels (default: all classes)")
-    p.add_argument("--num-per-class", type=int, default=None, help="images per class (default 1)")
-    p.add_argument("--num-images", type=int, default=None, help="images in all, spread evenly over the classes")
+    p.add_argument("--classes", type=_int_list(), default=None,
+                   help="comma-separated class labels (default with --num-per-class or --num-images: all classes)")
+    p.add_argument("--num-per-class", type=_positive_int, default=None,
+                   help="images per class (default with --classes: 1)")
+    p.add_argument("--num-images", type=_positive_int, default=None,
+                   help="images in all, spread evenly over the classes")
     p.add_argument("--tokens-only", action="store_true", help="write token grids (npz key `tokens`), no images")
     p.set_defaults(func=_cmd_sample)
 
@@ -448,14 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
         common(p, vq_required=True)
         p.add_argument("--image", required=True, help="input image (PNG, JPEG, ...)")
         p.add_argument("--class", dest="label", type=int, required=True, help="class label (-1: unconditional)")
-        p.add_argument("--num", type=int, default=4, help="samples to make (default 4)")
+        p.add_argument("--num", type=_positive_int, default=4, help="samples to make (default 4)")
         p.add_argument("--resize", action="store_true",
                        help="center-crop and resize the image to the model's resolution")
 
     p = sub.add_parser("inpaint", help="regenerate a region of an image")
     edit_common(p)
     p.add_argument("--mask", default=None, help="mask image of the input's size: white (> 127) = regenerate")
-    p.add_argument("--box", type=lambda s: _ints(s, 4, "--box"), default=None,
+    p.add_argument("--box", type=_int_list(4), default=None,
                    help="r0,c0,r1,c1: regenerate rows r0..r1-1, columns c0..c1-1 (see --box-units)")
     p.add_argument("--box-units", choices=["tokens", "pixels"], default="tokens",
                    help="units of --box: tokens (default) or pixels (every token the box touches)")
@@ -465,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit_common(p)
     p.add_argument("--side", choices=["left", "right", "top", "bottom", "center"], required=True,
                    help="where to add content (center: all around the image)")
-    p.add_argument("--canvas", type=lambda s: _ints(s, 2, "--canvas"), default=None,
+    p.add_argument("--canvas", type=_int_list(2), default=None,
                    help="H,W of the result in tokens (default: twice the image along the side's axis)")
     p.set_defaults(func=_cmd_outpaint)
 
@@ -485,11 +586,7 @@ def main(argv=None) -> int:
 
         return getattr(digits, _DIGITS_COMMANDS[argv[0]])(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("batch", "num", "steps", "num_per_class", "num_images"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    args = parser.parse_args(_attach_negative_lists(argv))
     try:
         return args.func(args)
     except (CLIError, ValueError) as e:

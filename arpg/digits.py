@@ -17,11 +17,13 @@ and one unused row).
 - `evaluate()` / `eval_main()` (`arpg eval-digits`, `python -m arpg.digits eval`): accuracy of the
   judge per decoding steps x CFG scale, FD against held-out real digits with the real train-vs-test FD
   as the floor, zero-shot inpainting / outpainting (`arpg.edit`) against a trivial fill, and a
-  resolution-expansion picture; prints the table and writes it, with PNG grids, to
-  `benchmarks/results/digits/`.
+  resolution-expansion picture; prints the table and writes it, with PNG grids, to a new folder
+  `arpg-results/eval-digits-<UTC time>/` (ignored by git; the committed record in
+  `benchmarks/results/digits/` is rewritten only with `--out-dir benchmarks/results/digits`).
 
 `SHIPPED_CHECKPOINT` is the checkpoint `train_main` made with its defaults, stored in float16 (it
-loads to float32 with `load_digits_model()`).
+loads to float32 with `load_digits_model()`); `arpg sample --ckpt digits --png grid.png` samples it
+(`is_digits_config` tells the command that the tokens are pixel values, drawn by `to_rgb`).
 """
 
 from __future__ import annotations
@@ -55,10 +57,14 @@ __all__ = [
     "digits_config",
     "train",
     "load_digits_model",
+    "is_digits_config",
     "Judge",
     "frechet_distance",
     "generate_digits",
     "sample_seeds",
+    "to_rgb",
+    "save_grid",
+    "default_out_dir",
     "evaluate",
     "train_main",
     "eval_main",
@@ -69,7 +75,6 @@ GRID = 8
 VOCAB = 17  # pixel values 0..16
 NUM_CLASSES = 10
 SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits_arpg.safetensors")
-DEFAULT_RESULTS = os.path.join("benchmarks", "results", "digits")
 # The CFG scale of the edits, the pictures and the tests: with the shipped checkpoint at 16 steps it gives
 # 0.927 class accuracy, near CFG 8's 0.945, at a lower FD (benchmarks/results/digits/results.md).
 RECOMMENDED_CFG = 5.0
@@ -408,6 +413,11 @@ def load_digits_model(path: Optional[str] = None) -> ARPG:
     return load_checkpoint(path or SHIPPED_CHECKPOINT, dtype=torch.float32)
 
 
+def is_digits_config(config: ARPGConfig) -> bool:
+    """Whether a model's tokens are these digits' pixels: 17 values, 10 classes, an 8x8 grid."""
+    return (config.vocab_size, config.num_classes, config.grid_size) == (VOCAB, NUM_CLASSES, GRID)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The judge and the Frechet distance
 
@@ -551,9 +561,10 @@ def outpaint_digits(model: ARPG, tiles, canvas, offset, labels, num_steps: int =
 # Pictures
 
 
-def _rgb(tokens: torch.Tensor, known: Optional[torch.Tensor] = None) -> np.ndarray:
-    """[H, W] pixel values 0..16 -> uint8 RGB [H, W, 3], ink dark on white; cells with known False
-    (hidden input) are drawn in light blue."""
+def to_rgb(tokens: torch.Tensor, known: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Pixel values 0..16 [..., H, W] -> uint8 RGB [..., H, W, 3], grey level round(255 * (1 - v / 16)):
+    ink dark on white. With known (bool, one [H, W] grid only), cells with known False (hidden input)
+    are drawn in light blue."""
     v = torch.as_tensor(tokens).cpu().double().numpy()
     g = (255.0 * (1.0 - v / 16.0)).round().astype(np.uint8)
     img = np.repeat(g[..., None], 3, axis=-1)
@@ -614,7 +625,7 @@ def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> No
 def evaluate(
     model: Optional[ARPG] = None,
     ckpt: Optional[str] = None,
-    out_dir: Optional[str] = DEFAULT_RESULTS,
+    out_dir: Optional[str] = None,
     steps: Sequence[int] = (64, 32, 16, 8, 4),
     cfg_scales: Sequence[float] = (1.0, 3.0, 5.0, 8.0),
     n_per_class: int = 100,
@@ -626,8 +637,9 @@ def evaluate(
     threads: Optional[int] = 1,
     log=print,
 ) -> dict:
-    """Measure the digits ARPG against the judge; returns every number, and (with `out_dir`) writes
-    `results.md`, `generation.csv`, `edits.csv`, `results.json` and PNG grids there.
+    """Measure the digits ARPG against the judge; returns every number, and (with `out_dir`; the command
+    line's default is `default_out_dir()`) writes `results.md`, `generation.csv`, `edits.csv`,
+    `results.json` and PNG grids there.
 
     Generation: `n_per_class` digits per class for every (steps, CFG scale); the judge's accuracy
     against the requested class; FD on the judge's features (and on raw pixels) against the held-out
@@ -824,7 +836,7 @@ def _write_outputs(res, out_dir, model, data, samples, edit_pics, have_edit, tem
     for (s, g), toks in samples.items():
         if s in (max(steps_l), 16, min(steps_l)) and g in (min(cfg_l), max(cfg_l)) or (s, g) == (16, RECOMMENDED_CFG):
             n = toks.shape[0] // NUM_CLASSES
-            cells = [[_rgb(toks[c * n + j].view(GRID, GRID)) for j in range(min(n, 12))] for c in range(NUM_CLASSES)]
+            cells = [[to_rgb(toks[c * n + j].view(GRID, GRID)) for j in range(min(n, 12))] for c in range(NUM_CLASSES)]
             name = f"samples_steps{s}_cfg{g:g}.png"
             save_grid(cells, os.path.join(out_dir, name), row_labels=[str(c) for c in range(NUM_CLASSES)])
             pics.append(name)
@@ -835,11 +847,11 @@ def _write_outputs(res, out_dir, model, data, samples, edit_pics, have_edit, tem
             known = known_mask("right_half" if task == "outpaint" else region)
             trivial = mean_fill(x, known, data.x_train)
             rows = [
-                [_rgb(x[i].view(GRID, GRID)) for i in idx],
-                [_rgb(x[i].view(GRID, GRID), known) for i in idx],
-                [_rgb(edit_pics[(task, region, "cond")][i].view(GRID, GRID)) for i in idx],
-                [_rgb(edit_pics[(task, region, "uncond")][i].view(GRID, GRID)) for i in idx],
-                [_rgb(trivial[i].view(GRID, GRID)) for i in idx],
+                [to_rgb(x[i].view(GRID, GRID)) for i in idx],
+                [to_rgb(x[i].view(GRID, GRID), known) for i in idx],
+                [to_rgb(edit_pics[(task, region, "cond")][i].view(GRID, GRID)) for i in idx],
+                [to_rgb(edit_pics[(task, region, "uncond")][i].view(GRID, GRID)) for i in idx],
+                [to_rgb(trivial[i].view(GRID, GRID)) for i in idx],
             ]
             name = f"{task}_{region.split('->')[0]}.png"
             save_grid(rows, os.path.join(out_dir, name), row_labels=["real", "input", "class", "no cls", "mean"])
@@ -849,14 +861,14 @@ def _write_outputs(res, out_dir, model, data, samples, edit_pics, have_edit, tem
         lab = torch.arange(NUM_CLASSES).repeat_interleave(3)
         wide = expand(model, lab, grid=(GRID, 2 * GRID), num_steps=16, cfg_scale=RECOMMENDED_CFG, temperature=temperature,
                       seed=sample_seeds(seed, lab.numel()))
-        cells = [[_rgb(wide[c * 3 + j]) for j in range(3)] for c in range(NUM_CLASSES)]
+        cells = [[to_rgb(wide[c * 3 + j]) for j in range(3)] for c in range(NUM_CLASSES)]
         save_grid(cells, os.path.join(out_dir, "expand_8x16.png"), row_labels=[str(c) for c in range(NUM_CLASSES)])
         pics.append("expand_8x16.png")
         # A real test digit continued to the right on an 8x16 canvas.
         tiles = x[:10].view(-1, GRID, GRID)
         ext = outpaint(model, tiles, canvas=(GRID, 2 * GRID), offset=(0, 0), labels=data.y_test[:10], num_steps=16,
                        cfg_scale=RECOMMENDED_CFG, temperature=temperature, seed=sample_seeds(seed, 10))
-        cells = [[_rgb(tiles[i]), _rgb(ext[i])] for i in range(10)]
+        cells = [[to_rgb(tiles[i]), to_rgb(ext[i])] for i in range(10)]
         save_grid(cells, os.path.join(out_dir, "outpaint_8x16.png"),
                   row_labels=[str(int(v)) for v in data.y_test[:10]])
         pics.append("outpaint_8x16.png")
@@ -914,10 +926,20 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def default_out_dir() -> str:
+    """A new folder `./arpg-results/eval-digits-<UTC time>/` (ignored by git), created now."""
+    from .outputs import new_run_dir
+
+    return str(new_run_dir("eval-digits"))
+
+
 def _eval_parser(prog: str = "arpg eval-digits") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Judge a digits ARPG: accuracy, FD, zero-shot edits.")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped one)")
-    p.add_argument("--out-dir", default=DEFAULT_RESULTS, help="where the table and PNGs go ('' to write nothing)")
+    p.add_argument("--out-dir", default=None,
+                   help="where the table and PNGs go (default: a new folder arpg-results/eval-digits-<UTC time>/, "
+                        "ignored by git; committing a record is a deliberate --out-dir benchmarks/results/digits; "
+                        "'' writes nothing)")
     p.add_argument("--steps", type=int, nargs="+", default=[64, 32, 16, 8, 4])
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0, 5.0, 8.0])
     p.add_argument("--n-per-class", type=int, default=100)
@@ -932,12 +954,14 @@ def _eval_parser(prog: str = "arpg eval-digits") -> argparse.ArgumentParser:
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     a = _eval_parser().parse_args(argv)
-    res = evaluate(ckpt=a.ckpt, out_dir=a.out_dir or None, steps=a.steps, cfg_scales=a.cfg, n_per_class=a.n_per_class,
+    out_dir = default_out_dir() if a.out_dir is None else a.out_dir or None
+    res = evaluate(ckpt=a.ckpt, out_dir=out_dir, steps=a.steps, cfg_scales=a.cfg, n_per_class=a.n_per_class,
                    temperature=a.temperature, edit_steps=a.edit_steps, edit_cfg=a.edit_cfg, n_edit=a.n_edit, seed=a.seed,
                    threads=a.threads)
-    if a.out_dir:
-        with open(os.path.join(a.out_dir, "results.md")) as f:
+    if out_dir:
+        with open(os.path.join(out_dir, "results.md")) as f:
             print(f.read())
+        print(f"wrote the results to {out_dir}", file=sys.stderr)
     else:
         print(json.dumps(res, indent=2, default=str))
     return 0

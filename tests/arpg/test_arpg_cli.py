@@ -1,4 +1,4 @@
-"""The `arpg` command line on a tiny random model and a tiny random tokenizer."""
+"""The `arpg` command line on a tiny random model and a tiny random tokenizer, and on the shipped digits model."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from PIL import Image
 
 from arpg import ARPG, RasterLM, save_checkpoint
 from arpg.cli import main
+from arpg.digits import SHIPPED_CHECKPOINT
 from arpg.distributed import batch_seed, class_labels
 from arpg.vq import VQConfig, VQModel, to_uint8
 
@@ -33,6 +34,7 @@ def files(tmp_path_factory):
     mask[5:20, 30:60] = 255
     Image.fromarray(mask).save(d / "mask.png")
     Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(d / "empty.png")
+    (d / "config.json").write_text('{"dim": 64}')
     return d
 
 
@@ -44,11 +46,14 @@ def run(argv) -> int:
 
 
 def fails(capsys, argv, match: str) -> str:
+    """Run argv, expect exit status 2 and one error line (besides argparse's usage) containing `match`."""
     assert run(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    assert match in err[0], err[0]
-    return err[0]
+    lines = capsys.readouterr().err.strip().splitlines()
+    if lines and lines[0].startswith("usage: "):  # argparse's usage, continued on indented lines
+        lines = [line for line in lines[1:] if not line.startswith(" ")]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith(f"arpg {argv[0]}: error: ") and match in lines[0], lines[0]
+    return lines[0]
 
 
 FAST = ["--steps", 3, "--no-progress"]
@@ -84,7 +89,7 @@ def test_sample_writes_images_and_tokens(files, tmp_path):
 def test_sample_errors(files, tmp_path, capsys):
     d = files
     out = ["--npz", tmp_path / "x.npz"]
-    fails(capsys, ["sample", "--ckpt", d / "nope.pt", "--num-images", 2, *out], "checkpoint not found")
+    fails(capsys, ["sample", "--ckpt", d / "nope.pt", "--num-images", 2, *out], "no such file")
     # Wrong size: the weights' shapes disagree; wrong grid: only the stored config can tell.
     fails(capsys, ["sample", "--ckpt", d / "tiny.pt", "--config", "ARPG-tiny-g16", "--num-images", 2, *out],
           "another config than --config ARPG-tiny-g16")
@@ -96,7 +101,10 @@ def test_sample_errors(files, tmp_path, capsys):
     fails(capsys, ["sample", "--ckpt", bare, "--config", "ARPG-tiny-g16", "--num-images", 2, *out],
           "wrong shape for this config")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    fails(capsys, ["sample", "--ckpt", tmp_path / "junk.pt", "--num-images", 2, *out], "cannot read the checkpoint")
+    fails(capsys, ["sample", "--ckpt", tmp_path / "junk.pt", "--num-images", 2, *out], "is not a checkpoint")
+    # Starts like a torch zip file but is cut short: torch.load's error, on one line.
+    (tmp_path / "cut.pt").write_bytes((d / "tiny.pt").read_bytes()[:200])
+    fails(capsys, ["sample", "--ckpt", tmp_path / "cut.pt", "--num-images", 2, *out], "cannot read the checkpoint")
     fails(capsys, ["sample", "--ckpt", d / "tiny.pt", "--num-images", 2, "--png", tmp_path / "x.png"], "needs images")
     fails(capsys, ["sample", "--ckpt", d / "tiny.pt", "--num-images", 2, "--vq", d / "vq.pt", *out],
           "does not fit --vq-config VQ-16")
@@ -154,3 +162,72 @@ def test_digits_commands_are_handed_to_their_own_parsers(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval-digits", "--help"])
     assert e.value.code == 0 and "usage: arpg eval-digits" in capsys.readouterr().out
+
+
+def test_sample_digits_without_a_tokenizer(tmp_path):
+    # The digits model's tokens are pixel values: `--ckpt digits` (or the file itself) gives images with no --vq.
+    common = ["sample", "--classes", "0,1,7", "--num-per-class", 2, "--cfg", 5, "--device", "cpu", *FAST]
+    assert run([*common, "--ckpt", "digits", "--png", tmp_path / "a.png", "--npz", tmp_path / "a.npz"]) == 0
+    assert run([*common, "--ckpt", SHIPPED_CHECKPOINT, "--png", tmp_path / "b.png"]) == 0
+    with Image.open(tmp_path / "a.png") as im:  # 6 digits of 8 x 8 pixels drawn 8x: a 3 x 2 grid with 2 px gaps
+        assert im.size == (3 * 66 + 2, 2 * 66 + 2)
+        grid = np.asarray(im.convert("L"))
+    tile = grid[2:66, 2:66]
+    assert tile.min() < 64 and tile.max() > 192  # ink and paper, not a constant picture
+    with Image.open(tmp_path / "b.png") as im:
+        assert np.array_equal(np.asarray(im.convert("L")), grid)
+    res = np.load(tmp_path / "a.npz")
+    assert res["arr_0"].shape == (6, 8, 8, 3) and res["arr_0"].dtype == np.uint8
+    assert list(res["labels"]) == [0, 0, 1, 1, 7, 7]
+    assert np.array_equal(tile[::8, ::8], res["arr_0"][0, :, :, 0])  # the PNG is the images, nearest-upscaled
+
+
+@pytest.mark.parametrize("case", ["no-cuda", "cuda-index", "negative-box", "negative-class", "json-ckpt",
+                                  "missing-ckpt", "zero-steps"])
+def test_argument_errors_name_the_argument(files, tmp_path, capsys, monkeypatch, case):
+    d = files
+    out = ["--png", tmp_path / "out.png", "--npz", tmp_path / "out.npz"]
+    sample = ["sample", "--ckpt", d / "tiny.pt", "--num-images", 2, *out, *FAST]
+    edit = ["--ckpt", d / "tiny.pt", "--vq", d / "vq.pt", "--vq-config", "VQ-tiny", "--image", d / "in.png",
+            "--class", 2, *out, *FAST]
+    if case == "no-cuda":  # not blamed on the checkpoint
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        argv, match = [*sample, "--device", "cuda"], "argument --device: cuda: CUDA is not available"
+    elif case == "cuda-index":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        argv, match = [*sample, "--device", "cuda:1"], "argument --device: cuda:1: this machine has 1 CUDA device"
+    elif case == "negative-box":  # a list starting with '-' reaches the range check, not argparse's option parsing
+        argv, match = ["inpaint", *edit, "--box", "-1,0,4,4"], "--box -1,0,4,4: need 0 <= r0 < r1 <= 4"
+    elif case == "negative-class":
+        argv = ["sample", "--ckpt", d / "tiny.pt", "--classes", "-1,3", "--npz", tmp_path / "out.npz", *FAST]
+        match = "--classes: [-1] not in [0, 10)"
+    elif case == "json-ckpt":  # torch.load's unpickling text is not shown
+        argv = ["sample", "--ckpt", d / "config.json", "--num-images", 2, *out]
+        match = f"argument --ckpt: {d / 'config.json'} is not a checkpoint (expected a torch .pt/.pth or .safetensors"
+    elif case == "missing-ckpt":
+        argv = ["sample", "--ckpt", d / "nope.pt", "--num-images", 2, *out]
+        match = f"argument --ckpt: {d / 'nope.pt'}: no such file"
+    else:  # the subparser reports it, with its prog
+        argv, match = [*sample, "--steps", 0], "argument --steps: must be a positive integer"
+    fails(capsys, argv, match)
+    assert not any(tmp_path.iterdir())
+
+
+def test_sample_help_says_what_the_defaults_do(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # argparse wraps the help to the terminal's width
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("--classes CLASSES comma-separated class labels (default with --num-per-class or --num-images: "
+            "all classes)") in help_text
+    assert "--num-per-class NUM_PER_CLASS images per class (default with --classes: 1)" in help_text
+    assert "at least one of --classes, --num-per-class and --num-images" in help_text
+    base = ["sample", "--ckpt", files / "tiny.pt", "--tokens-only", *FAST]
+    assert run([*base, "--classes", "3,1", "--npz", tmp_path / "c.npz"]) == 0
+    assert list(np.load(tmp_path / "c.npz")["labels"]) == [3, 1]
+    assert run([*base, "--num-per-class", 2, "--npz", tmp_path / "n.npz"]) == 0
+    assert list(np.load(tmp_path / "n.npz")["labels"]) == [c for c in range(10) for _ in range(2)]
+    capsys.readouterr()
+    fails(capsys, [*base, "--npz", tmp_path / "x.npz"], "give --classes, --num-per-class and/or --num-images")
+    assert not (tmp_path / "x.npz").exists()

@@ -179,3 +179,14 @@ def test_command_lines():
     with pytest.raises(SystemExit):
         D.train_main(["--help"])
     assert "--n-per-class" in D._eval_parser().format_help()
+
+
+def test_eval_writes_a_new_untracked_folder_by_default(tmp_path, monkeypatch, capsys):
+    # The committed record (benchmarks/results/digits) is rewritten only when asked for by --out-dir.
+    monkeypatch.chdir(tmp_path)
+    assert D.eval_main(["--steps", "2", "--cfg", "1", "--n-per-class", "2", "--n-edit", "2", "--edit-steps", "2"]) == 0
+    (run_dir,) = (tmp_path / "arpg-results").iterdir()
+    assert run_dir.name.startswith("eval-digits-") and (run_dir / "results.md").is_file()
+    assert f"wrote the results to {os.path.join('arpg-results', run_dir.name)}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arpg-results"]
+    assert "--out-dir benchmarks/results/digits" in " ".join(D._eval_parser().format_help().split())
