@@ -1,9 +1,12 @@
 """The shared timing helper and the results record of every benchmark.
 
-Timing: warm-up calls, then `rep` timed calls; on CUDA each call is bracketed by CUDA events and
-the L2 cache is flushed before it (a 256 MB write), inputs rotate over several copies so no call
-re-reads what the previous one left in cache. On CPU, `time.perf_counter` around each call.
-Every row goes to a CSV with the device, versions, git commit and a timestamp.
+Timing: warm-up calls, then timed calls until a `Budget` is met: at least `min_reps` samples and
+`min_time_s` seconds of measuring, then more until the median is stable or `max_time_s` / `max_reps`
+is reached, so a timing on a busy machine is not one lucky or unlucky call. On CUDA the calls run in
+batches bracketed by CUDA events (one sync per batch), the L2 cache is flushed before each (a 256 MB
+write) and inputs rotate over several copies so no call re-reads what the previous one left in cache.
+On CPU, `time.perf_counter` around each call. The spread of a timing is its interquartile range over
+its median. Every row goes to a CSV with the device, versions, git commit and a timestamp.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -22,21 +26,57 @@ from typing import Callable, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FIELDS = [
-    "timestamp", "bench", "name", "provider", "config", "metric", "unit", "median", "q20", "q80", "n",
+    "timestamp", "bench", "name", "provider", "config", "metric", "unit", "median", "q20", "q80", "n", "spread",
     "device", "torch", "triton", "cuda", "git_commit",
 ]
 
 
+def fmt(x: float) -> str:
+    """3 significant digits, no exponent from 1000 up: 0.0123 -> '0.0123', 28.26 -> '28.3', 1234.5 -> '1234'."""
+    return f"{x:.0f}" if abs(x) >= 999.5 else f"{x:.3g}"
+
+
 @dataclass
 class Timing:
-    """Seconds per call: median and the 20% / 80% quantiles over `n` timed calls."""
+    """Seconds per call: median and the 20% / 80% quantiles over `n` timed calls; `spread` is the
+    interquartile range over the median (0.1: the middle half of the calls lie within 10% of it)."""
 
     median: float
     q20: float
     q80: float
     n: int
+    spread: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a timing has enough samples: at least `min_reps` of them and `min_time_s` seconds of
+    measuring; then it stops once the median of the newer half of the samples is within `rtol` of the
+    median of all, or at `max_time_s` seconds or `max_reps` samples."""
+
+    min_time_s: float
+    max_time_s: float
+    min_reps: int = 5
+    max_reps: int = 10_000
+    rtol: float = 0.03
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> Budget:
+        """Kernel calls: 0.5-2 s per timing on CPU; 0.1-0.4 s on a GPU, where a call takes microseconds
+        and the full grid has about 1,000 timings."""
+        if torch.device(device).type == "cuda":
+            return cls(min_time_s=0.1, max_time_s=0.4)
+        return cls(min_time_s=0.5, max_time_s=2.0)
+
+    def done(self, samples: Sequence[float], elapsed: float) -> bool:
+        n = len(samples)
+        if n < self.min_reps or elapsed < self.min_time_s:
+            return False
+        if elapsed >= self.max_time_s or n >= self.max_reps:
+            return True
+        median = statistics.median(samples)
+        return abs(statistics.median(samples[n // 2:]) - median) <= self.rtol * median
 
 
 def _quantile(xs: Sequence[float], q: float) -> float:
@@ -47,8 +87,11 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _timing(samples: list[float]) -> Timing:
-    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
+def timing(samples: Sequence[float]) -> Timing:
+    """Summarise per-call seconds (at least one sample)."""
+    median = statistics.median(samples)
+    spread = (_quantile(samples, 0.75) - _quantile(samples, 0.25)) / median if median > 0 else 0.0
+    return Timing(median, _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples), spread)
 
 
 _flush_buffer: torch.Tensor | None = None
@@ -61,39 +104,62 @@ def _flush_l2(device: torch.device) -> None:
     _flush_buffer.zero_()
 
 
+def _timed_calls(fn: Callable[..., object], sets: list[tuple], first: int, count: int, device: torch.device,
+                 flush_l2: bool) -> list[float]:
+    """Seconds of calls first .. first+count-1, each on input set i % len(sets)."""
+    if device.type != "cuda":
+        samples = []
+        for i in range(first, first + count):
+            t0 = time.perf_counter()
+            fn(*sets[i % len(sets)])
+            samples.append(time.perf_counter() - t0)
+        return samples
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    for j, i in enumerate(range(first, first + count)):
+        if flush_l2:
+            _flush_l2(device)
+        starts[j].record()
+        fn(*sets[i % len(sets)])
+        ends[j].record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+
+
 def time_fn(
     fn: Callable[..., object],
     inputs: Sequence[tuple] | None = None,
     *,
     device: torch.device | str = "cpu",
+    budget: Budget | None = None,
     warmup: int = 3,
-    rep: int = 20,
     flush_l2: bool = True,
 ) -> Timing:
-    """Time `fn(*inputs[i % len(inputs)])`, rotating over the input sets (or `fn()` when inputs is None)."""
+    """Time `fn(*inputs[i % len(inputs)])`, rotating over the input sets (or `fn()` when inputs is None),
+    until `budget` (default `Budget.for_device(device)`) is met."""
     device = torch.device(device)
+    budget = budget or Budget.for_device(device)
     sets = list(inputs) if inputs else [()]
     for i in range(warmup):
         fn(*sets[i % len(sets)])
-    samples = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-        for i in range(rep):
-            if flush_l2:
-                _flush_l2(device)
-            starts[i].record()
-            fn(*sets[i % len(sets)])
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        samples = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-    else:
-        for i in range(rep):
-            t0 = time.perf_counter()
-            fn(*sets[i % len(sets)])
-            samples.append(time.perf_counter() - t0)
-    return _timing(samples)
+    samples: list[float] = []
+    count = budget.min_reps
+    t0 = time.perf_counter()
+    while True:
+        samples += _timed_calls(fn, sets, len(samples), count, device, flush_l2)
+        elapsed = time.perf_counter() - t0
+        if budget.done(samples, elapsed):
+            return timing(samples)
+        # Size the next batch from the wall time per call so far: enough to reach min_time_s, else a
+        # quarter more samples before the median is checked again, never past max_time_s or max_reps.
+        per_call = max(elapsed / len(samples), 1e-9)
+        if elapsed < budget.min_time_s:
+            count = math.ceil((budget.min_time_s - elapsed) / per_call)
+        else:
+            room = min(math.ceil((budget.max_time_s - elapsed) / per_call), budget.max_reps - len(samples))
+            count = max(1, min(math.ceil(len(samples) / 4), room))
 
 
 def measure_copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30) -> float:
@@ -103,7 +169,7 @@ def measure_copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30) ->
         nbytes = min(nbytes, 256 * 2**20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device=device, warmup=3, rep=10, flush_l2=False)
+    t = time_fn(lambda: dst.copy_(src), device=device, flush_l2=False)
     return 2 * nbytes / t.median
 
 
@@ -146,16 +212,28 @@ class Record:
     def __init__(self, path: Path | str, device: torch.device | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            with self.path.open(newline="") as f:
+                header = next(csv.reader(f), None)
+            if header != FIELDS:  # a record from an older harness: rewrite it under today's header
+                old = read_rows(self.path)
+                with self.path.open("w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(old)
         self.env = env_info(device)
         self.rows: list[dict] = []
 
     def add(self, bench: str, name: str, provider: str, config: dict, metric: str, unit: str,
-            value: float, q20: float | None = None, q80: float | None = None, n: int = 1) -> dict:
+            value: float, q20: float | None = None, q80: float | None = None, n: int = 1,
+            spread: float | None = None) -> dict:
+        """One row; q20/q80 default to the value, spread (IQR / median) is left empty for non-timings."""
         row = {
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "bench": bench, "name": name, "provider": provider, "config": json.dumps(config, sort_keys=True),
             "metric": metric, "unit": unit, "median": value,
-            "q20": value if q20 is None else q20, "q80": value if q80 is None else q80, "n": n, **self.env,
+            "q20": value if q20 is None else q20, "q80": value if q80 is None else q80, "n": n,
+            "spread": "" if spread is None else spread, **self.env,
         }
         new = not self.path.exists()
         with self.path.open("a", newline="") as f:
@@ -168,7 +246,8 @@ class Record:
 
     def add_timing(self, bench: str, name: str, provider: str, config: dict, t: Timing) -> dict:
         """A latency row in milliseconds."""
-        return self.add(bench, name, provider, config, "latency", "ms", t.median * 1e3, t.q20 * 1e3, t.q80 * 1e3, t.n)
+        return self.add(bench, name, provider, config, "latency", "ms", t.median * 1e3, t.q20 * 1e3, t.q80 * 1e3, t.n,
+                        t.spread)
 
 
 def read_rows(path: Path | str) -> list[dict]:

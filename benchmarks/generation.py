@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import resource
-import statistics
 import time
 
 import torch
@@ -21,13 +20,17 @@ from arpg.config import ARPGConfig
 from arpg.eager import eager_generate
 from arpg.engine import Engine
 
-from .common import Record
+from .common import Budget, Record, fmt, timing
 
 # A CPU-sized stand-in with the real step structure: a 16x16 grid (256 tokens), head_dim 64.
 CPU_CONFIG = ARPGConfig(dim=128, n_layer=4, n_head=2, vocab_size=1024, num_classes=10, grid_size=16, ffn_multiple_of=64)
 
 GPU_GRID = dict(models=["ARPG-L", "ARPG-XL", "ARPG-XXL"], steps=[32, 64], batches=[1, 16, 64, 256])
 CPU_GRID = dict(models=["cpu-tiny"], steps=[32, 64], batches=[1, 4])
+
+# One generation takes up to seconds (raster on a CPU: 256 steps, 2-7 s), so each provider gets at least
+# 3 runs and stops adding runs after 3 s of them: the default CPU grid stays a few minutes.
+GENERATION_BUDGET = Budget(min_time_s=0.5, max_time_s=3.0, min_reps=3)
 
 
 def _config(name: str) -> tuple[ARPGConfig, ARPGConfig]:
@@ -47,8 +50,9 @@ def _eager_kv_bytes(model: ARPG, rows: int) -> int:
 
 
 def bench_generation(record: Record, device: torch.device, grid: dict, dtype: torch.dtype, cfg_scale: float = 4.0,
-                     repeats: int = 3, raster_repeats: int = 1, progress=None) -> list[dict]:
-    """Run the grid; returns one summary dict per (model, steps, batch)."""
+                     budget: Budget = GENERATION_BUDGET, progress=None) -> list[dict]:
+    """Run the grid, timing each provider until `budget` is met; returns one summary dict per
+    (model, steps, batch)."""
     summaries = []
     for name in grid["models"]:
         arpg_cfg, raster_cfg = _config(name)
@@ -73,9 +77,10 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 _sync(device)
                 times = {k: [] for k in runs}
                 peaks = {}
-                for rep in range(repeats):
+                # Interleaved rounds; a provider whose timing is settled sits the later rounds out.
+                while not all(budget.done(ts, sum(ts)) for ts in times.values()):
                     for key, fn in runs.items():
-                        if key == "raster-engine" and rep >= raster_repeats:
+                        if budget.done(times[key], sum(times[key])):
                             continue
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(device)
@@ -97,24 +102,29 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 summary = {"config": cfg}
                 mem_metric = "peak_memory" if device.type == "cuda" else "kv_cache_memory"
                 for key, ts in times.items():
-                    med = statistics.median(ts)
+                    t = timing(ts)
+                    per_step = 1e3 / n_steps[key]
                     # Rows are grouped by the ARPG step count; decode_steps says what each path ran.
                     row_cfg = {**cfg, "decode_steps": n_steps[key]}
-                    record.add("generation", "generate", key, row_cfg, "latency", "ms", med * 1e3, min(ts) * 1e3, max(ts) * 1e3, len(ts))
-                    record.add("generation", "generate", key, row_cfg, "images_per_s", "img/s", batch / med)
-                    record.add("generation", "generate", key, row_cfg, "ms_per_step", "ms", med * 1e3 / n_steps[key])
+                    record.add_timing("generation", "generate", key, row_cfg, t)
+                    record.add("generation", "generate", key, row_cfg, "images_per_s", "img/s", batch / t.median,
+                               batch / t.q80, batch / t.q20, t.n, t.spread)
+                    record.add("generation", "generate", key, row_cfg, "ms_per_step", "ms", t.median * per_step,
+                               t.q20 * per_step, t.q80 * per_step, t.n, t.spread)
                     record.add("generation", "generate", key, row_cfg, mem_metric, "MiB", peaks[key])
-                    summary[key] = {"images_per_s": batch / med, "ms_per_step": med * 1e3 / n_steps[key], "mem_mib": peaks[key]}
+                    summary[key] = {"images_per_s": batch / t.median, "ms_per_step": t.median * per_step,
+                                    "spread": t.spread, mem_metric: peaks[key]}
                 ratio_eager = summary["arpg-engine"]["images_per_s"] / summary["arpg-eager"]["images_per_s"]
                 ratio_raster = summary["arpg-engine"]["images_per_s"] / summary["raster-engine"]["images_per_s"]
                 record.add("generation", "generate", "ratio", cfg, "ratio_engine/eager", "x", ratio_eager)
                 record.add("generation", "generate", "ratio", cfg, "ratio_arpg/raster", "x", ratio_raster)
                 summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster)
                 summaries.append(summary)
+                ips = {key: fmt(summary[key]["images_per_s"]) for key in runs}
                 print(
-                    f"  {name} {steps} steps batch {batch}: engine {summary['arpg-engine']['images_per_s']:.2f} img/s, "
-                    f"eager {summary['arpg-eager']['images_per_s']:.2f}, raster {summary['raster-engine']['images_per_s']:.2f}; "
-                    f"engine/eager {ratio_eager:.2f}x, ARPG/raster {ratio_raster:.2f}x"
+                    f"  {name} {steps} steps batch {batch}: engine {ips['arpg-engine']} img/s, "
+                    f"eager {ips['arpg-eager']}, raster {ips['raster-engine']}; "
+                    f"engine/eager {fmt(ratio_eager)}x, ARPG/raster {fmt(ratio_raster)}x"
                 )
                 if progress is not None:
                     progress.update(1)
@@ -127,5 +137,5 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
     if device.type != "cuda":
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         record.add("process", "peak_rss", "all", {}, "peak_rss", "MiB", rss)
-        print(f"  process peak RSS: {rss:.0f} MiB")
+        print(f"  process peak RSS: {fmt(rss)} MiB")
     return summaries

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import arpg_kernels as ak
 from arpg_kernels import reference
 
-from .common import Record, Timing, measure_copy_bandwidth, time_fn
+from .common import Budget, Record, Timing, fmt, measure_copy_bandwidth, time_fn
 
 GPU_PAGED_GRID = dict(
     heads=[16, 20, 24], head_dim=[64], kv_len=[257, 1025], q_per_seq=[1, 4, 16, 64], batch=[128, 256, 1024],
@@ -123,7 +123,8 @@ def _flash_attn_provider(q, kc, vc, table, lens, cu, max_q):
 
 
 def bench_paged(record: Record, device: torch.device, grid: dict, dtype: torch.dtype, bandwidth: float,
-                providers: Iterable[str] | None = None, rep: int = 20, progress=None) -> None:
+                providers: Iterable[str] | None = None, budget: Budget | None = None, progress=None) -> None:
+    """Every grid point for every available provider; `budget` defaults to `Budget.for_device(device)`."""
     available = _paged_providers(device)
     names = [p for p in (providers or available) if p in available]
     keys = list(grid)
@@ -139,7 +140,7 @@ def bench_paged(record: Record, device: torch.device, grid: dict, dtype: torch.d
         for name in names:
             try:
                 fns = [available[name](*inp) for inp in inputs]
-                t = time_fn(lambda f: f(), [(f,) for f in fns], device=device, rep=rep)
+                t = time_fn(lambda f: f(), [(f,) for f in fns], device=device, budget=budget)
             except Exception as exc:  # a library that rejects a shape is recorded as skipped, not fatal
                 print(f"  {name} skipped for {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                 continue
@@ -151,12 +152,14 @@ def bench_paged(record: Record, device: torch.device, grid: dict, dtype: torch.d
 def _paged_rows(record: Record, name: str, cfg: dict, t: Timing, io_bytes: int, flops: int, bandwidth: float) -> None:
     record.add_timing("kernels", "paged_attention", name, cfg, t)
     gbs = io_bytes / t.median / 1e9
-    record.add("kernels", "paged_attention", name, cfg, "bandwidth", "GB/s", gbs, io_bytes / t.q80 / 1e9, io_bytes / t.q20 / 1e9, t.n)
+    record.add("kernels", "paged_attention", name, cfg, "bandwidth", "GB/s", gbs,
+               io_bytes / t.q80 / 1e9, io_bytes / t.q20 / 1e9, t.n, t.spread)
     record.add("kernels", "paged_attention", name, cfg, "bandwidth_fraction", "ratio", gbs * 1e9 / bandwidth)
     record.add("kernels", "paged_attention", name, cfg, "throughput", "TFLOP/s", flops / t.median / 1e12)
 
 
-def bench_dense(record: Record, device: torch.device, dtype: torch.dtype, shapes: list[dict], rep: int = 20) -> None:
+def bench_dense(record: Record, device: torch.device, dtype: torch.dtype, shapes: list[dict],
+                budget: Budget | None = None) -> None:
     """Dense causal attention forward+backward, arpg (triton on GPU) against torch SDPA."""
     for cfg in shapes:
         b, l, h, d = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["head_dim"]
@@ -174,7 +177,7 @@ def bench_dense(record: Record, device: torch.device, dtype: torch.dtype, shapes
         flops = 2.5 * 4 * b * h * l * l * d / 2
         full = {**cfg, "dtype": str(dtype).replace("torch.", ""), "causal": True}
         for name, fn in (("arpg-" + ("triton" if device.type == "cuda" else "reference"), arpg_step), ("sdpa", sdpa_step)):
-            t = time_fn(fn, device=device, rep=rep)
+            t = time_fn(fn, device=device, budget=budget)
             record.add_timing("kernels", "attention_fwd_bwd", name, full, t)
             record.add("kernels", "attention_fwd_bwd", name, full, "throughput", "TFLOP/s", flops / t.median / 1e12)
 
@@ -182,14 +185,14 @@ def bench_dense(record: Record, device: torch.device, dtype: torch.dtype, shapes
 def run(record: Record, device: torch.device, quick: bool, progress_factory=None) -> None:
     bandwidth = measure_copy_bandwidth(device)
     record.add("kernels", "copy", "torch", {}, "bandwidth", "GB/s", bandwidth / 1e9)
-    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
+    print(f"measured copy bandwidth: {fmt(bandwidth / 1e9)} GB/s (read + write)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     grid = CPU_PAGED_GRID if quick else GPU_PAGED_GRID
     progress = progress_factory(total=math.prod(len(v) for v in grid.values()) * len(_paged_providers(device))) if progress_factory else None
-    bench_paged(record, device, grid, dtype, bandwidth, rep=5 if quick else 20, progress=progress)
+    bench_paged(record, device, grid, dtype, bandwidth, progress=progress)
     if progress is not None:
         progress.close()
     shapes = [dict(batch=2, seq_len=256, heads=4, head_dim=64)] if quick else [
         dict(batch=32, seq_len=256, heads=16, head_dim=64), dict(batch=16, seq_len=1024, heads=16, head_dim=64)
     ]
-    bench_dense(record, device, dtype, shapes, rep=3 if quick else 20)
+    bench_dense(record, device, dtype, shapes)

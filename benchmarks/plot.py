@@ -7,7 +7,13 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .common import read_rows
+from arpg.outputs import new_run_dir
+
+from .common import fmt, read_rows
+
+# A timing whose interquartile range is more than this fraction of its median is flagged.
+MAX_SPREAD = 0.10
+_MEMORY_METRICS = {"peak_memory": "GPU peak allocated", "kv_cache_memory": "CPU K/V cache"}
 
 
 def _latest_run(rows: list[dict]) -> list[dict]:
@@ -18,31 +24,57 @@ def _latest_run(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["device"] == last["device"] and r["git_commit"] == last["git_commit"]]
 
 
-def _plot_lines(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple]], logx=False) -> None:
-    import matplotlib
+def _short(config: str) -> str:
+    return ", ".join(f"{k}={v}" for k, v in json.loads(config).items() if k not in ("dtype", "weights_mib"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def _spread(row: dict) -> float | None:
+    return None if row.get("spread") in (None, "") else float(row["spread"])
+
+
+def _percent(fraction: float) -> str:
+    return f"{fmt(100 * fraction)}%"
+
+
+def _cell(metrics: dict[str, dict], metric: str) -> str:
+    return fmt(float(metrics[metric]["median"])) if metric in metrics else "-"
+
+
+def _spread_cell(row: dict) -> str:
+    spread = _spread(row)
+    return "-" if spread is None else _percent(spread)
+
+
+def line_figure(title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple]], logx: bool = False,
+                ref: tuple[float, str] | None = None):
+    """A matplotlib Figure of `series` ({label: [(x, y), ...]}); `ref` = (y, label) draws a dashed
+    horizontal reference line. The x axis is log 2 only when `logx` and the points have two x values or more;
+    its ticks are the measured x values."""
+    from matplotlib.figure import Figure  # a bare Figure renders through Agg, no pyplot state
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for label, points in sorted(series.items()):
         points = sorted(points)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    if logx:
+    if ref is not None:
+        ax.axhline(ref[0], linestyle="--", color="gray", label=ref[1])
+    xs = sorted({p[0] for points in series.values() for p in points})
+    if logx and len(xs) > 1:
         ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])  # batch sizes are discrete: tick exactly those measured
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def make_plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    made = []
+def make_figures(rows: list[dict]) -> dict[str, object]:
+    """File name -> Figure: throughput and memory vs batch per model and step count, paged_attention GB/s."""
+    figures = {}
     gen = defaultdict(lambda: defaultdict(list))
     mem = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -52,27 +84,52 @@ def make_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         key = f"{cfg.get('model')} {cfg.get('steps')} steps"
         if r["metric"] == "images_per_s":
             gen[key][r["provider"]].append((cfg["batch"], float(r["median"])))
-        elif r["metric"] in ("peak_memory", "kv_cache_memory"):
-            mem[key][r["provider"]].append((cfg["batch"], float(r["median"])))
+        elif r["metric"] in _MEMORY_METRICS:
+            mem[(key, r["metric"])][r["provider"]].append((cfg["batch"], float(r["median"])))
     for key, series in gen.items():
-        path = out_dir / f"throughput_{key.replace(' ', '_')}.png"
-        _plot_lines(path, f"{key}: images/s vs batch", "batch (images)", "images/s", series, logx=True)
-        made.append(path)
-    for key, series in mem.items():
-        path = out_dir / f"memory_{key.replace(' ', '_')}.png"
-        _plot_lines(path, f"{key}: memory vs batch (GPU: peak allocated; CPU: K/V cache)", "batch (images)", "MiB", series, logx=True)
-        made.append(path)
+        figures[f"throughput_{key.replace(' ', '_')}.png"] = line_figure(
+            f"{key}: images/s vs batch", "batch (images)", "images/s", series, logx=True)
+    for (key, metric), series in mem.items():
+        figures[f"memory_{key.replace(' ', '_')}.png"] = line_figure(
+            f"{key}: {_MEMORY_METRICS[metric]} vs batch", "batch (images)", "MiB", series, logx=True)
     bw = defaultdict(list)
+    copy = None
     for r in rows:
+        if r["bench"] == "kernels" and r["name"] == "copy" and r["metric"] == "bandwidth":
+            copy = float(r["median"])
         if r["bench"] == "kernels" and r["name"] == "paged_attention" and r["metric"] == "bandwidth":
             cfg = json.loads(r["config"])
             if cfg["kv_len"] == 257 and cfg["page_size"] == 16 and cfg["heads"] == 16:
                 bw[f"{r['provider']} q={cfg['q_per_seq']}"].append((cfg["batch"], float(r["median"])))
     if bw:
-        path = out_dir / "paged_attention_bandwidth.png"
-        _plot_lines(path, "paged_attention GB/s (H=16, D=64, kv=257, page 16)", "sequences", "GB/s", bw, logx=True)
-        made.append(path)
+        ref = None if copy is None else (copy, f"measured copy bandwidth {fmt(copy)} GB/s")
+        figures["paged_attention_bandwidth.png"] = line_figure(
+            "paged_attention GB/s (H=16, D=64, kv=257, page 16)", "sequences", "GB/s", bw, logx=True, ref=ref)
+    return figures
+
+
+def make_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, fig in make_figures(rows).items():
+        fig.savefig(out_dir / name, dpi=110)
+        made.append(out_dir / name)
     return made
+
+
+def run_warnings(rows: list[dict]) -> list[str]:
+    """One line per reason not to trust the run: a loaded machine, timings with a wide spread."""
+    warnings = []
+    loads = [r for r in rows if r["bench"] == "process" and r["metric"] == "loadavg_1min"]
+    if any(float(r["median"]) > json.loads(r["config"])["cpus"] for r in loads):
+        cpus = json.loads(loads[0]["config"])["cpus"]
+        at = ", ".join(f"{fmt(float(r['median']))} at {r['provider']}" for r in loads)
+        warnings.append(f"machine loaded: 1-minute load average {at}, above its {cpus} CPUs; timings are noisy")
+    wide = [r for r in rows if r["metric"] == "latency" and (_spread(r) or 0.0) > MAX_SPREAD]
+    if wide:
+        named = "; ".join(f"{r['bench']} {r['provider']} ({_short(r['config'])}): {_percent(_spread(r))}" for r in wide)
+        warnings.append(f"{len(wide)} timing(s) with spread (IQR / median) over {_percent(MAX_SPREAD)}: {named}")
+    return warnings
 
 
 def summary_markdown(rows: list[dict]) -> str:
@@ -80,35 +137,46 @@ def summary_markdown(rows: list[dict]) -> str:
         return "No results.\n"
     env = rows[-1]
     lines = [
-        f"# Benchmark summary\n",
+        "# Benchmark summary\n",
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda'] or '-'}; "
-        f"commit {env['git_commit']}; {env['timestamp']}.\n",
+        f"commit {env['git_commit']}; {env['timestamp']}. Spread: interquartile range over median.\n",
     ]
+    warnings = run_warnings(rows)
+    if warnings:
+        lines += ["## Warnings\n", *(f"- {w}" for w in warnings), ""]
     gen = [r for r in rows if r["bench"] == "generation"]
     if gen:
-        lines += ["## Generation\n", "| model | steps | batch | provider | images/s | ms/step | MiB (GPU peak / CPU K/V) |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Generation\n",
+            "| model | steps | batch | provider | images/s | ms/step | spread | GPU peak MiB | CPU K/V MiB |",
+            "|" + "---|" * 9,
+        ]
         table = defaultdict(dict)
         for r in gen:
             cfg = json.loads(r["config"])
-            key = (cfg["model"], cfg["steps"], cfg["batch"], r["provider"])
-            table[key][r["metric"]] = float(r["median"])
+            table[(cfg["model"], cfg["steps"], cfg["batch"], r["provider"])][r["metric"]] = r
         for (model, steps, batch, provider), m in sorted(table.items()):
             if "images_per_s" not in m:
                 continue
-            lines.append(
-                f"| {model} | {steps} | {batch} | {provider} | {m['images_per_s']:.2f} | "
-                f"{m.get('ms_per_step', float('nan')):.2f} | {m.get('peak_memory', m.get('kv_cache_memory', float('nan'))):.1f} |"
-            )
+            cells = [_cell(m, k) for k in ("images_per_s", "ms_per_step")]
+            cells += [_spread_cell(m["images_per_s"])] + [_cell(m, k) for k in _MEMORY_METRICS]
+            lines.append(f"| {model} | {steps} | {batch} | {provider} | {' | '.join(cells)} |")
         ratios = [r for r in gen if r["metric"].startswith("ratio_")]
         if ratios:
             lines += ["", "| model | steps | batch | ratio | value |", "|---|---|---|---|---|"]
             for r in ratios:
                 cfg = json.loads(r["config"])
-                lines.append(f"| {cfg['model']} | {cfg['steps']} | {cfg['batch']} | {r['metric'][6:]} | {float(r['median']):.2f}x |")
+                ratio = f"{r['metric'][6:]} | {fmt(float(r['median']))}x"
+                lines.append(f"| {cfg['model']} | {cfg['steps']} | {cfg['batch']} | {ratio} |")
         lines.append("")
-    kern = [r for r in rows if r["bench"] == "kernels" and r["metric"] in ("latency", "bandwidth", "bandwidth_fraction")]
+    kernel_metrics = ("latency", "bandwidth", "bandwidth_fraction")
+    kern = [r for r in rows if r["bench"] == "kernels" and r["metric"] in kernel_metrics]
     if kern:
-        lines += ["## Kernels\n", "| op | provider | config | ms (q20-q80) | GB/s | of copy bw |", "|---|---|---|---|---|---|"]
+        lines.append("## Kernels\n")
+        copy = [r for r in kern if r["name"] == "copy"]
+        if copy:
+            lines.append(f"Measured copy bandwidth (read + write): {fmt(float(copy[-1]['median']))} GB/s.\n")
+        lines += ["| op | provider | config | ms (q20-q80) | spread | GB/s | of copy bw |", "|" + "---|" * 7]
         table = defaultdict(dict)
         for r in kern:
             table[(r["name"], r["config"], r["provider"])][r["metric"]] = r
@@ -116,13 +184,10 @@ def summary_markdown(rows: list[dict]) -> str:
             if "latency" not in m:
                 continue
             lat = m["latency"]
-            c = json.loads(cfg)
-            short = ", ".join(f"{k}={v}" for k, v in c.items() if k != "dtype")
-            gbs = f"{float(m['bandwidth']['median']):.0f}" if "bandwidth" in m else "-"
-            frac = f"{100 * float(m['bandwidth_fraction']['median']):.0f}%" if "bandwidth_fraction" in m else "-"
-            lines.append(
-                f"| {name} | {provider} | {short} | {float(lat['median']):.3f} ({float(lat['q20']):.3f}-{float(lat['q80']):.3f}) | {gbs} | {frac} |"
-            )
+            gbs = fmt(float(m["bandwidth"]["median"])) if "bandwidth" in m else "-"
+            frac = _percent(float(m["bandwidth_fraction"]["median"])) if "bandwidth_fraction" in m else "-"
+            ms = f"{fmt(float(lat['median']))} ({fmt(float(lat['q20']))}-{fmt(float(lat['q80']))})"
+            lines.append(f"| {name} | {provider} | {_short(cfg)} | {ms} | {_spread_cell(lat)} | {gbs} | {frac} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -130,13 +195,15 @@ def summary_markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("csv", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="folder for PNGs and summary.md (default: beside the CSV)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for PNGs and summary.md (default: a new ./arpg-results/plots-<UTC time>/; "
+                             "pass the CSV's folder to redraw a committed record in place)")
     parser.add_argument("--all-runs", action="store_true", help="use every row, not only the newest run")
     args = parser.parse_args(argv)
     rows = read_rows(args.csv)
     if not args.all_runs:
         rows = _latest_run(rows)
-    out = args.out or args.csv.parent
+    out = args.out or new_run_dir("plots")
     for path in make_plots(rows, out):
         print(f"wrote {path}")
     summary = out / "summary.md"

@@ -1,54 +1,113 @@
-"""`arpg-bench`: the project's main job. Measures generation (ARPG engine vs eager vs raster) and the
-kernels on this machine, appends every row to a CSV, then writes plots and a markdown summary.
-
-On a CPU-only machine the default is the quick grid (a tiny 16x16-grid model, a few minutes); on a
-GPU the full grid of the benchmarks issue (ARPG-L/XL/XXL, 32 and 64 steps, batch 1..256, bf16).
+"""`arpg-bench`: the project's main job, generation and kernel benchmarks on this machine; `_description`
+below is its --help: what it measures, what it writes where, how long it takes.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import os
+import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
+from arpg.outputs import new_run_dir, slug
+
 from . import generation, kernels
-from .common import RESULTS_DIR, Record, device_name
-from .plot import make_plots, summary_markdown
+from .common import Budget, Record, device_name
+from .generation import GENERATION_BUDGET
+from .plot import MAX_SPREAD, make_plots, run_warnings, summary_markdown
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+def _csv(values: list) -> str:
+    return ",".join(map(str, values))
+
+
+def _description() -> str:
+    cpu, gpu, gen = Budget.for_device("cpu"), Budget.for_device("cuda"), GENERATION_BUDGET
+    q, f = ({k: _csv(v) for k, v in grid.items()} for grid in (generation.CPU_GRID, generation.GPU_GRID))
+    measures = """\
+arpg-bench: the project's main job. Measures on this machine:
+  generation  images/s, ms per step and memory of the ARPG engine (fast backend, CUDA graphs) against
+              the eager original-style path and the raster-order baseline, all with CFG 4.0;
+  kernels     paged_attention per available backend against SDPA (and flex attention, FlashInfer,
+              flash-attn where importable): latency, GB/s, fraction of the measured copy bandwidth,
+              TFLOP/s; dense causal attention forward+backward against SDPA."""
+    paragraphs = [
+        f"Each timing repeats until its median is stable, and reports its spread (interquartile range over the "
+        f"median). A kernel timing takes at least {cpu.min_reps} calls and {cpu.min_time_s:g} s on a CPU "
+        f"({gpu.min_time_s:g} s on a GPU), a generation timing at least {gen.min_reps} runs and {gen.min_time_s:g} s; "
+        f"past that, a timing stops when the median of its newer half is within {cpu.rtol:.0%} of the median of "
+        f"all, or at {cpu.max_time_s:g} s (GPU: {gpu.max_time_s:g} s; generation: {gen.max_time_s:g} s).",
+        "Writes results.csv (one row per measurement: median, q20, q80, n, spread, device, versions, git commit), "
+        "PNG plots and summary.md into a new folder ./arpg-results/bench-<device>-<UTC time>/, which git ignores, "
+        "and prints the summary and the folder. Warns on stderr, and in the summary, when the 1-minute load "
+        f"average is above the CPU count at the start or the end, or a timing's spread is above {MAX_SPREAD:.0%}.",
+        f"Time: the quick grid (the default without a GPU: {q['models']}; steps {q['steps']}; batches "
+        f"{q['batches']}; float32) takes about a minute on 2 idle CPU cores, up to about 8 when other jobs load "
+        "them. "
+        f"The full GPU grid ({f['models']}; steps {f['steps']}; batches {f['batches']}; bf16; about 1,000 kernel "
+        "timings) has not been timed yet; expect tens of minutes.",
+    ]
+    commit = """\
+To commit a record, write it into the repository deliberately:
+  arpg-bench --out benchmarks/results/<device>     e.g. benchmarks/results/cpu-x86-64-x2
+Rows are appended to that folder's results.csv; its plots and summary.md are redrawn from this run."""
+    return "\n\n".join([measures, *(textwrap.fill(p, 100) for p in paragraphs), commit])
+
+
+def _record_load(record: Record, when: str) -> float:
+    load = os.getloadavg()[0]
+    record.add("process", "load", when, {"cpus": os.cpu_count()}, "loadavg_1min", "load", load)
+    return load
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="arpg-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", choices=["generation", "kernels"], default=None)
-    parser.add_argument("--quick", action="store_true", help="the CPU grid even on a GPU")
-    parser.add_argument("--models", default=None, help="comma-separated model names (GPU grid), e.g. ARPG-L")
-    parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
-    parser.add_argument("--steps", default=None, help="comma-separated step counts")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    quick, full = generation.CPU_GRID, generation.GPU_GRID
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(
+        prog="arpg-bench", description=_description(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default=default_device,
+                        help=f"torch device to measure (default: cuda when available, else cpu; here {default_device})")
+    parser.add_argument("--only", choices=["generation", "kernels"], default=None,
+                        help="run one of the two parts (default: both)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick (CPU) grid even on a GPU (default: quick on a CPU, full on a GPU)")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated model names: cpu-tiny, ARPG-L, ARPG-XL, ARPG-XXL (default: "
+                             f"{_csv(quick['models'])} quick, {_csv(full['models'])} full)")
+    parser.add_argument("--batches", default=None,
+                        help=f"comma-separated batch sizes in images (default: {_csv(quick['batches'])} quick, "
+                             f"{_csv(full['batches'])} full)")
+    parser.add_argument("--steps", default=None,
+                        help=f"comma-separated ARPG step counts (default: {_csv(quick['steps'])} quick, "
+                             f"{_csv(full['steps'])} full); raster always decodes every token")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch CPU threads (default: torch's choice, here {torch.get_num_threads()})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: a new ./arpg-results/bench-<device>-<UTC time>/, ignored "
+                             "by git); pass benchmarks/results/<device> only to commit a record")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    quick = args.quick or device.type != "cuda"
-    out = args.out or RESULTS_DIR / _slug(device_name(device))
+    quick_grid = args.quick or device.type != "cuda"
+    out = args.out or new_run_dir(f"bench-{slug(device_name(device))}")
     record = Record(out / "results.csv", device)
+    load = _record_load(record, "start")
     print(f"arpg-bench on {record.env['device']} (torch {record.env['torch']}, triton {record.env['triton']}), "
-          f"{'quick' if quick else 'full'} grid, {torch.get_num_threads()} CPU threads; rows -> {record.path}")
+          f"{'quick' if quick_grid else 'full'} grid, {torch.get_num_threads()} CPU threads, "
+          f"load {load:.2f} on {os.cpu_count()} CPUs; writing to {out}/")
     try:
         from tqdm import tqdm as progress_factory
     except ImportError:
         progress_factory = None
 
     if args.only in (None, "generation"):
-        grid = dict(generation.CPU_GRID if quick else generation.GPU_GRID)
+        grid = dict(quick if quick_grid else full)
         for key, conv in (("models", str), ("batches", int), ("steps", int)):
             value = getattr(args, key)
             if value:
@@ -56,21 +115,26 @@ def main(argv: list[str] | None = None) -> None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         print("generation: ARPG engine vs eager original-style path vs raster baseline (CFG 4.0)")
         total = len(grid["models"]) * len(grid["steps"]) * len(grid["batches"])
-        bar = progress_factory(total=total, desc="generation", disable=quick) if progress_factory else None
-        generation.bench_generation(record, device, grid, dtype, repeats=2 if quick else 3, progress=bar)
+        bar = progress_factory(total=total, desc="generation", disable=quick_grid) if progress_factory else None
+        generation.bench_generation(record, device, grid, dtype, progress=bar)
         if bar is not None:
             bar.close()
     if args.only in (None, "kernels"):
         print("kernels: paged_attention per provider, dense attention fwd+bwd")
-        kernels.run(record, device, quick, progress_factory=None if quick else progress_factory)
+        kernels.run(record, device, quick_grid, progress_factory=None if quick_grid else progress_factory)
+    _record_load(record, "end")
 
     rows = record.rows
     for path in make_plots(rows, out):
         print(f"wrote {path}")
     summary = out / "summary.md"
-    summary.write_text(summary_markdown(rows))
+    text = summary_markdown(rows)
+    summary.write_text(text)
     print(f"wrote {summary}\n")
-    print(summary_markdown(rows))
+    print(text)
+    print(f"results in {out}/")
+    for warning in run_warnings(rows):
+        print(f"arpg-bench: warning: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,117 @@
-"""The benchmark harness runs end to end on a tiny grid and leaves a CSV, plots and a summary."""
+"""The benchmark harness: time-budgeted timings, where `arpg-bench` writes, the summary's numbers and the
+plots; and it runs end to end on a tiny grid, leaving a CSV, plots and a summary."""
 
+import csv
 import json
+import time
 
+import pytest
 import torch
 
 from arpg.config import ARPGConfig
-from benchmarks import generation, kernels, plot
-from benchmarks.common import FIELDS, Record, read_rows, time_fn
+from benchmarks import generation, kernels, plot, run
+from benchmarks.common import FIELDS, Budget, Record, fmt, read_rows, time_fn, timing
 
 
 def test_time_fn_rotates_inputs_and_reports_quantiles():
     seen = []
-    t = time_fn(lambda x: seen.append(x), [(1,), (2,), (3,)], warmup=2, rep=7)
+    t = time_fn(lambda x: seen.append(x), [(1,), (2,), (3,)], warmup=2, budget=Budget(0, 0, min_reps=7, max_reps=7))
     assert seen[2:] == [1, 2, 3, 1, 2, 3, 1]
-    assert t.n == 7 and t.q20 <= t.median <= t.q80
+    assert t.n == 7 and t.q20 <= t.median <= t.q80 and t.spread >= 0
+
+
+@pytest.mark.parametrize("work", [0.0, 0.01], ids=["fast", "10ms"])
+def test_time_fn_takes_the_minimum_time_and_samples(work):
+    budget = Budget(min_time_s=0.05, max_time_s=0.2, min_reps=5)
+    t0 = time.perf_counter()
+    t = time_fn(lambda: time.sleep(work) if work else sum(range(100)), budget=budget, warmup=1)
+    wall = time.perf_counter() - t0
+    assert t.n >= budget.min_reps and wall >= budget.min_time_s
+    assert wall < 1.0  # stopped by the stable median or max_time_s, not run on
+    if not work:
+        assert t.n > 50  # the minimum time, not the minimum samples, bounded a fast call
+    assert 0 <= t.spread < float("inf")
+
+
+def test_budget_stops_on_a_stable_median_or_the_time_limit():
+    b = Budget(min_time_s=0.1, max_time_s=1.0, min_reps=5)
+    assert not b.done([1.0] * 4, 10.0)  # too few samples, however long
+    assert not b.done([1.0] * 5, 0.05)  # too little time
+    assert b.done([1.0] * 5, 0.2)
+    drifting = [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]  # the newer half's median is 2, all of them 1.5
+    assert not b.done(drifting, 0.5) and b.done(drifting, 1.0)
+
+
+def test_timing_spread_is_the_interquartile_range_over_the_median():
+    t = timing([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median, t.n) == (3.0, 5) and t.spread == pytest.approx(2 / 3)
+
+
+def test_fmt_gives_three_significant_digits():
+    assert fmt(0.0123) == "0.0123" and fmt(0.00045678) == "0.000457"
+    assert fmt(28.26) == "28.3" and fmt(3.0) == "3"
+    assert fmt(999.7) == "1000" and fmt(123456.7) == "123457"
+
+
+def test_default_out_is_a_new_folder_under_arpg_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kernels, "run", lambda record, device, quick, progress_factory=None: None)
+    run.main(["--device", "cpu", "--only", "kernels"])
+    (out,) = (tmp_path / "arpg-results").iterdir()
+    assert out.name.startswith("bench-cpu-")
+    assert {"results.csv", "summary.md"} <= {p.name for p in out.iterdir()}
+    assert f"results in {out.relative_to(tmp_path)}/" in capsys.readouterr().out
+
+
+def _rows(tmp_path, bandwidth_batches, copy_gbs=12.0, spread=0.01, load=0.0):
+    record = Record(tmp_path / "results.csv", "cpu")
+    record.add("process", "load", "start", {"cpus": 2}, "loadavg_1min", "load", load)
+    record.add("kernels", "copy", "torch", {}, "bandwidth", "GB/s", copy_gbs)
+    for batch in bandwidth_batches:
+        cfg = dict(heads=16, head_dim=64, kv_len=257, q_per_seq=1, batch=batch, page_size=16, dtype="float32")
+        record.add("kernels", "paged_attention", "arpg-reference", cfg, "latency", "ms", 28.0, 27.0, 30.0, 9, spread)
+        record.add("kernels", "paged_attention", "arpg-reference", cfg, "bandwidth", "GB/s", 0.0123, n=9, spread=spread)
+        record.add("kernels", "paged_attention", "arpg-reference", cfg, "bandwidth_fraction", "ratio", 0.001)
+    gen = dict(model="cpu-tiny", steps=32, batch=1, cfg_scale=4.0, dtype="float32", weights_mib=4.1, decode_steps=32)
+    record.add("generation", "generate", "arpg-engine", gen, "images_per_s", "img/s", 2.6, 2.5, 2.7, 3, spread)
+    record.add("generation", "generate", "arpg-engine", gen, "kv_cache_memory", "MiB", 1.6)
+    return record.rows
+
+
+def test_bandwidth_plot_has_the_copy_line_and_no_log_axis_for_one_x(tmp_path):
+    ax = plot.make_figures(_rows(tmp_path, [4]))["paged_attention_bandwidth.png"].axes[0]
+    assert ax.get_xscale() == "linear"
+    (ref,) = [line for line in ax.get_lines() if line.get_label().startswith("measured copy bandwidth")]
+    assert ref.get_label() == "measured copy bandwidth 12 GB/s" and list(ref.get_ydata()) == [12.0, 12.0]
+    assert ax.get_legend() is not None
+    two = plot.make_figures(_rows(tmp_path / "two", [4, 16]))["paged_attention_bandwidth.png"].axes[0]
+    assert two.get_xscale() == "log"
+
+
+def test_summary_shows_small_numbers_separate_memory_columns_and_warnings(tmp_path):
+    quiet = plot.summary_markdown(_rows(tmp_path, [4]))
+    assert "| 0.0123 |" in quiet and "0.1%" in quiet  # GB/s and fraction of copy bandwidth, not "0"
+    assert "| GPU peak MiB | CPU K/V MiB |" in quiet and "| - | 1.6 |" in quiet
+    assert "## Warnings" not in quiet
+    assert plot.run_warnings(_rows(tmp_path / "quiet", [4])) == []
+    noisy = _rows(tmp_path / "noisy", [4], spread=0.25, load=5.0)
+    warnings = plot.run_warnings(noisy)
+    assert len(warnings) == 2 and "machine loaded" in warnings[0] and "above its 2 CPUs" in warnings[0]
+    assert "arpg-reference" in warnings[1] and "batch=4" in warnings[1] and "25%" in warnings[1]
+    assert "## Warnings" in plot.summary_markdown(noisy)
+
+
+def test_record_rewrites_an_older_header(tmp_path):
+    path = tmp_path / "results.csv"
+    old = [f for f in FIELDS if f != "spread"]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old)
+        w.writeheader()
+        w.writerow({k: "x" for k in old})
+    Record(path, "cpu").add("kernels", "copy", "torch", {}, "bandwidth", "GB/s", 1.0)
+    rows = read_rows(path)
+    assert list(rows[0]) == FIELDS and rows[0]["spread"] == "" and rows[0]["median"] == "x"
+    assert rows[1]["median"] == "1.0"
 
 
 def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
@@ -23,21 +121,24 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     )
     record = Record(tmp_path / "results.csv", "cpu")
     summaries = generation.bench_generation(
-        record, torch.device("cpu"), dict(models=["cpu-tiny"], steps=[4], batches=[2]), torch.float32, repeats=1
+        record, torch.device("cpu"), dict(models=["cpu-tiny"], steps=[4], batches=[2]), torch.float32,
+        budget=Budget(0, 0, min_reps=2),
     )
     (s,) = summaries
     assert s["engine_vs_eager"] > 0 and s["arpg_vs_raster"] > 0
-    assert s["arpg-engine"]["mem_mib"] > 0
+    assert s["arpg-engine"]["kv_cache_memory"] > 0 and s["arpg-engine"]["spread"] >= 0
     grid = dict(heads=[2], head_dim=[32], kv_len=[17], q_per_seq=[3], batch=[2], page_size=[16])
-    kernels.bench_paged(record, torch.device("cpu"), grid, torch.float32, bandwidth=1e10, rep=2)
+    budget = Budget(0, 0, min_reps=2)
+    kernels.bench_paged(record, torch.device("cpu"), grid, torch.float32, bandwidth=1e10, budget=budget)
     rows = read_rows(tmp_path / "results.csv")
-    assert set(rows[0]) == set(FIELDS)
+    assert list(rows[0]) == FIELDS
     providers = {r["provider"] for r in rows if r["bench"] == "kernels"}
     assert {"arpg-reference", "sdpa-gathered"} <= providers
     metrics = {r["metric"] for r in rows}
     assert {"latency", "images_per_s", "ms_per_step", "kv_cache_memory", "ratio_engine/eager", "ratio_arpg/raster",
             "bandwidth", "bandwidth_fraction"} <= metrics
     assert all(json.loads(r["config"]) is not None and r["device"] for r in rows)
+    assert all(int(r["n"]) >= 2 and float(r["spread"]) >= 0 for r in rows if r["metric"] == "latency")
 
     made = plot.make_plots(rows, tmp_path)
     assert made and all(p.stat().st_size > 0 for p in made)
