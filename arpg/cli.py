@@ -318,6 +318,10 @@ def _cmd_sample(args) -> int:
         )
         if rank == 0:
             _write(args, result, np.asarray(labels, dtype=np.int64), tokens_only, digits)
+        if world > 1:
+            # Every rank tears gloo down together, after rank 0 has written: a rank that left early
+            # once aborted rank 0's teardown ("terminate called without an active exception", 1 CI run).
+            torch.distributed.barrier()
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
