@@ -291,6 +291,7 @@ def _dp_worker(rank: int, world: int, init_file: str, config_dict: dict, hp: dic
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         _train_loop(rank, world, ARPGConfig.from_dict(config_dict), hp)
+        dist.barrier()  # tear gloo down together (see train)
     finally:
         dist.destroy_process_group()
 
@@ -370,6 +371,9 @@ def train(
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=procs)
             try:
                 model, running = _train_loop(0, procs, config, hp, log)
+                # All ranks leave the group together: a worker whose peer had already torn gloo down
+                # aborted once in teardown ("terminate called without an active exception").
+                dist.barrier()
             finally:
                 dist.destroy_process_group()
                 torch.set_num_threads(prev)

@@ -10,6 +10,10 @@ HAS_GPU_DEVICE = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia
 if not HAS_GPU_DEVICE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Processes the tests start (torchrun ranks, training workers) print their Python stacks if they die
+# on a signal: a gloo teardown once aborted one with no other trace.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
