@@ -1,7 +1,9 @@
 """Build script for arpg-kernels.
 
-The Python packages always install. The CUDA extension `arpg_kernels._C` (csrc/) is built when a CUDA
-toolkit is found and torch is a CUDA build, or when FORCE_CUDA=1; ARPG_SKIP_CUDA_BUILD=1 skips it.
+The Python packages always install. The CPU kernels `arpg_kernels._cpu` (csrc/cpu/) are built on every
+machine with a working C++ compiler (without one, one line says so and the reference ops serve CPU
+tensors). The CUDA extension `arpg_kernels._C` (csrc/) is built when a CUDA toolkit is found and torch
+is a CUDA build, or when FORCE_CUDA=1; ARPG_SKIP_CUDA_BUILD=1 skips it.
 Whether this machine has a GPU plays no part. torch comes from the environment:
 
     pip install --no-build-isolation -e .
@@ -147,7 +149,7 @@ def cuda_extension(cuda_home: Path):
     os.environ["CUDA_HOME"] = str(cuda_home)  # read by torch.utils.cpp_extension when it is imported
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     os.environ.setdefault("MAX_JOBS", "2")
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     # Kernels (cuda/*.cu) are torch-free and go through nvcc; adapters and schemas (*.cpp) through the
     # host compiler only, which keeps the torch headers out of nvcc and the build short.
@@ -169,21 +171,64 @@ def cuda_extension(cuda_home: Path):
         },
         py_limited_api=True,
     )
-    return ext, BuildExtension.with_options(use_ninja=True)
+    return ext
+
+
+CPU_EXTENSION = "arpg_kernels._cpu"
+
+
+def cpu_extension():
+    """The CPU kernels (csrc/cpu/), built on every machine. at::parallel_for is OpenMP in torch's headers,
+    so the code must be compiled with OpenMP for the work to spread over threads."""
+    from torch.utils.cpp_extension import CppExtension
+
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    return CppExtension(
+        name=CPU_EXTENSION,
+        sources=sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("cpu/*.cpp")),
+        include_dirs=[str(CSRC / "include")],
+        extra_compile_args={"cxx": ["-O3", "-DPy_LIMITED_API=0x030A0000", *openmp], "nvcc": []},
+        extra_link_args=openmp,
+        py_limited_api=True,
+    )
+
+
+def build_ext_class():
+    """torch's BuildExtension, except that a CPU-kernel build failure is one line, not a failed install:
+    the reference ops then serve CPU tensors."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExt(BuildExtension):
+        def build_extension(self, ext):
+            if ext.name != CPU_EXTENSION:
+                return super().build_extension(ext)
+            try:
+                return super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure
+                _log(f"could not compile the CPU kernels ({type(exc).__name__}: {exc}); CPU tensors use the reference ops")
+
+    return BuildExt.with_options(use_ninja=True)
 
 
 def main() -> None:
     ext_modules = []
     cmdclass = {}
     options = {}
+    # The CUDA plan first: it sets CUDA_HOME, which torch.utils.cpp_extension reads when first imported.
     reason, cuda_home = cuda_extension_plan()
     if reason is None:
-        ext, build_ext = cuda_extension(cuda_home)
-        ext_modules.append(ext)
-        cmdclass["build_ext"] = build_ext
-        options["bdist_wheel"] = {"py_limited_api": "cp310"}
+        ext_modules.append(cuda_extension(cuda_home))
     else:
         _log(f"building without the CUDA extension ({reason})")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _log("building without the CPU kernels (torch is not importable here)")
+    else:
+        ext_modules.append(cpu_extension())
+    if ext_modules:
+        cmdclass["build_ext"] = build_ext_class()
+        options["bdist_wheel"] = {"py_limited_api": "cp310"}
 
     setup(
         name="arpg-kernels",

@@ -22,7 +22,7 @@ from torch import Tensor
 from . import checks
 from . import reference
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
 _backend = os.environ.get("ARPG_BACKEND", "auto")
 if _backend not in BACKENDS:
@@ -31,10 +31,11 @@ _warned: set[str] = set()
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every op in this process: 'auto', 'reference', 'triton' or 'cuda'.
+    """Select the backend for every op in this process: 'auto', 'reference', 'triton', 'cuda' or 'cpu'.
 
     'auto' picks cuda (when the extension is built and handles the inputs), else triton, for CUDA
-    tensors, and the reference for CPU tensors. The ARPG_BACKEND environment variable sets the start value.
+    tensors, and cpu (the C++ kernels, where built and they have the op) else the reference for CPU
+    tensors. The ARPG_BACKEND environment variable sets the start value.
     """
     global _backend
     if name not in BACKENDS:
@@ -73,6 +74,12 @@ def _cuda() -> ModuleType:
     return cuda_backend
 
 
+def _cpu() -> ModuleType:
+    from . import cpu as cpu_backend
+
+    return cpu_backend
+
+
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
@@ -91,7 +98,15 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
         return _triton()
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got {device}")
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"the cpu backend needs CPU tensors, got {device}")
     if device.type != "cuda":
+        cpu_backend = _cpu()
+        if cpu_backend.supports(op, *tensors):
+            return cpu_backend
+        if name == "cpu" and op == "paged_attention":
+            _warn_once(f"arpg: the cpu backend cannot run paged_attention ({cpu_backend.load_error() or 'these inputs'}); "
+                       "using the reference")
         return reference
     cuda_backend = _cuda()
     if cuda_backend.is_available() and hasattr(cuda_backend, op) and cuda_backend.supports(op, *tensors):

@@ -23,7 +23,7 @@ GPU_PAGED_GRID = dict(
     heads=[16, 20, 24], head_dim=[64], kv_len=[257, 1025], q_per_seq=[1, 4, 16, 64], batch=[128, 256, 1024],
     page_size=[16, 64],
 )
-CPU_PAGED_GRID = dict(heads=[16], head_dim=[64], kv_len=[257], q_per_seq=[1, 16], batch=[4], page_size=[16])
+CPU_PAGED_GRID = dict(heads=[16], head_dim=[64], kv_len=[257], q_per_seq=[1, 16, 64], batch=[4, 16, 64], page_size=[16])
 
 
 def paged_inputs(batch, heads, head_dim, kv_len, q_per_seq, page_size, dtype, device, seed=0):
@@ -52,6 +52,11 @@ def _paged_providers(device: torch.device) -> dict[str, Callable]:
         return make
 
     providers["arpg-reference"] = arpg(reference)
+    if device.type == "cpu":
+        from arpg_kernels import cpu as cpu_backend
+
+        if cpu_backend.is_available():
+            providers["arpg-cpu"] = arpg(cpu_backend)
     if device.type == "cuda":
         from arpg_kernels import cuda as cuda_backend
         from arpg_kernels import triton as triton_backend
@@ -69,6 +74,19 @@ def _paged_providers(device: torch.device) -> dict[str, Callable]:
         return lambda: F.scaled_dot_product_attention(qd, kd, vd)
 
     providers["sdpa-gathered"] = sdpa
+
+    def gather_sdpa(q, kc, vc, table, lens, cu, max_q):
+        # What a paged-cache user would otherwise do each step: gather the pages (timed), then SDPA.
+        b, s = table.shape[0], int(lens[0])
+        qd = q.view(b, -1, *q.shape[1:]).transpose(1, 2)
+
+        def step():
+            k, v = reference.gather_kv(kc, vc, table, s)
+            return F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2))
+
+        return step
+
+    providers["gather+sdpa"] = gather_sdpa
     if device.type == "cuda":
         try:
             from torch.nn.attention.flex_attention import flex_attention

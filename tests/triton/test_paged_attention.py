@@ -2,162 +2,17 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from arpg_kernels import reference
 from arpg_kernels.triton import paged_attention
 from arpg_kernels.triton.paged_attention import MAX_SPLITS, choose_num_splits
-from kv_cases import assert_close_to_fp64
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Case:
-    q_lens: tuple[int, ...]
-    kv_lens: tuple[int, ...]
-    page_size: int = 16
-    h: int = 2
-    hkv: int = 2
-    d: int = 32
-    dtype: str = "fp32"
-    causal: bool = False
-    return_lse: bool = True
-    num_splits: int | None = None
-    shared: bool = False  # sequence 1 starts with sequence 0's pages
-    pool: bool = False  # caches are layer 1 of a 5-D pool, q a slice of a wider tensor
-    spare_pages: int = 1  # block-table columns past the longest sequence
-
-    @property
-    def id(self) -> str:
-        parts = [
-            f"q{'-'.join(map(str, self.q_lens))}",
-            f"kv{'-'.join(map(str, self.kv_lens))}",
-            f"ps{self.page_size}",
-            f"h{self.h}x{self.hkv}",
-            f"d{self.d}",
-            self.dtype,
-            "causal" if self.causal else "full",
-        ]
-        if not self.return_lse:
-            parts.append("nolse")
-        if self.num_splits is not None:
-            parts.append(f"split{self.num_splits}")
-        if self.shared:
-            parts.append("shared")
-        if self.pool:
-            parts.append("pool")
-        return "-".join(parts)
-
-
-def make_inputs(case: Case, seed: int = 0, device: str = DEVICE):
-    """Random packed queries and a paged cache with shuffled page ids; unused cache slots hold NaN."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[case.dtype]
-    b, ps = len(case.q_lens), case.page_size
-    n_pages = [-(-n // ps) for n in case.kv_lens]
-    if case.shared:
-        # Sequence 1 reuses all but possibly the last page of sequence 0, then owns the rest.
-        n_shared = min(n_pages[0], n_pages[1]) - 1 if n_pages[1] > 0 else 0
-        n_shared = max(n_shared, 0)
-    else:
-        n_shared = 0
-    max_pages = max(n_pages, default=0) + case.spare_pages
-    num_pages = sum(n_pages) - n_shared + 2
-    perm = torch.randperm(num_pages, generator=g).tolist()
-    block_table = torch.full((b, max_pages), num_pages - 1, dtype=torch.int32)
-    next_page = 0
-    for i, n in enumerate(n_pages):
-        for j in range(n):
-            if i == 1 and j < n_shared:
-                block_table[i, j] = block_table[0, j]
-            else:
-                block_table[i, j] = perm[next_page]
-                next_page += 1
-
-    shape = (num_pages, ps, case.hkv, case.d)
-    k_cache = torch.full(shape, float("nan"), dtype=torch.float64)
-    v_cache = torch.full(shape, float("nan"), dtype=torch.float64)
-    for i, n in enumerate(case.kv_lens):
-        for j in range(n):
-            page, off = int(block_table[i, j // ps]), j % ps
-            if torch.isnan(k_cache[page, off, 0, 0]):
-                k_cache[page, off] = torch.randn(case.hkv, case.d, generator=g, dtype=torch.float64)
-                v_cache[page, off] = torch.randn(case.hkv, case.d, generator=g, dtype=torch.float64)
-    t = sum(case.q_lens)
-    q = torch.randn(t, case.h, case.d, generator=g, dtype=torch.float64)
-    cu = [0]
-    for n in case.q_lens:
-        cu.append(cu[-1] + n)
-    cu_q_lens = torch.tensor(cu, dtype=torch.int32)
-    kv_lens = torch.tensor(case.kv_lens, dtype=torch.int32)
-
-    q, k_cache, v_cache = (x.to(dtype).to(device) for x in (q, k_cache, v_cache))
-    if case.pool:
-        k_pool = torch.randn((3, *shape), dtype=dtype, device=device)
-        v_pool = torch.randn((3, *shape), dtype=dtype, device=device)
-        k_pool[1], v_pool[1] = k_cache, v_cache
-        k_cache, v_cache = k_pool[1], v_pool[1]
-        wide = torch.randn((t, case.h + 1, case.d), dtype=dtype, device=device)
-        wide[:, 1:] = q
-        q = wide[:, 1:]
-    return q, k_cache, v_cache, block_table.to(device), kv_lens.to(device), cu_q_lens.to(device)
+from kv_cases import DEVICE, EDGE_CASES, Case, check_paged_kernel, make_inputs, random_case
 
 
 def check_case(case: Case, seed: int = 0):
-    q, k_cache, v_cache, block_table, kv_lens, cu_q_lens = make_inputs(case, seed)
-    max_q_len = max(case.q_lens, default=0)
-    scale = case.d**-0.5
-    out, lse = paged_attention(
-        q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, case.causal, scale, case.return_lse,
-        num_splits=case.num_splits,
-    )
-    # The reference multiplies NaN slots by zero weights, so it gets the same cache with NaN made 0.
-    kc, vc = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
-    args = (block_table, kv_lens, cu_q_lens, max_q_len, case.causal, scale, True)
-    out_hi, lse_hi = reference.paged_attention(q.double(), kc.double(), vc.double(), *args)
-    out_lo, lse_lo = reference.paged_attention(q, kc, vc, *args)
-    assert out.dtype == q.dtype and out.shape == q.shape
-    assert_close_to_fp64("out", out, out_hi, out_lo)
-    if case.return_lse:
-        assert lse.dtype == torch.float32
-        assert_close_to_fp64("lse", lse, lse_hi, lse_lo)
-    else:
-        assert lse.shape == (0,) and lse.dtype == torch.float32
-
-
-EDGE_CASES = [
-    # decoding-like: one query per sequence, a kv_len of 0, odd lengths
-    Case((1, 1, 1), (17, 0, 33)),
-    Case((1, 1, 1), (17, 0, 33), causal=True),
-    # a sequence without queries, causal queries that see no key (q_len > kv_len)
-    Case((3, 0, 5), (2, 9, 0), causal=True),
-    Case((4, 6), (4, 6), causal=True),  # q_len == kv_len
-    Case((5, 5), (1, 5), causal=True, h=4, hkv=1),
-    Case((7,), (7,), causal=True, page_size=1),
-    Case((3, 2), (70, 33), page_size=1, h=4, hkv=2),
-    Case((3, 2), (130, 33), page_size=64, causal=True),
-    Case((2, 3), (130, 129), page_size=128, causal=True, h=2, hkv=1),
-    Case((2, 3), (40, 57), shared=True, causal=True),
-    Case((3, 3), (33, 33), shared=True, page_size=1, h=4, hkv=2),
-    Case((2, 4), (33, 50), pool=True, causal=True, h=4, hkv=2),
-    Case((2, 4), (33, 50), return_lse=False),
-    Case((40, 3), (60, 45), causal=True, h=4, hkv=1, d=32),  # 160 packed rows: several query blocks
-    Case((9,), (200,), causal=True, num_splits=3),
-    Case((1, 2), (150, 0), num_splits=4, h=4, hkv=2),
-    Case((2, 1), (5, 300), num_splits=8, causal=True, return_lse=False),
-    Case((3, 2), (33, 17), num_splits=16, page_size=1),  # more splits than tiles
-    Case((2, 3), (33, 65), d=64, dtype="fp16", causal=True),
-    Case((2, 3), (33, 65), d=64, dtype="bf16", causal=True, h=4, hkv=2),
-    Case((2, 3), (33, 65), d=128, dtype="fp16", h=2, hkv=1),
-    Case((3, 1), (70, 20), d=128, dtype="fp32", causal=True, num_splits=2),
-    Case((2, 2), (100, 90), d=64, dtype="bf16", num_splits=2, pool=True),
-]
+    check_paged_kernel(paged_attention, case, seed, num_splits=case.num_splits)
 
 
 @pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c.id)
@@ -165,34 +20,9 @@ def test_edge_cases(case, poison_empty):
     check_case(case)
 
 
-def _random_case(seed: int) -> Case:
-    rng = random.Random(seed)
-    b = rng.randint(1, 3)
-    h, hkv = rng.choice([(1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (3, 1)])
-    causal = rng.random() < 0.5
-    q_lens = tuple(rng.choice([0, 1, 1, 2, 3, 5, 8, 13]) for _ in range(b))
-    kv_lens = tuple(rng.choice([0, 1, 5, 16, 17, 33, 64, 70]) for _ in range(b))
-    if causal and rng.random() < 0.5:
-        kv_lens = tuple(max(k, q) for k, q in zip(kv_lens, q_lens))
-    return Case(
-        q_lens=q_lens,
-        kv_lens=kv_lens,
-        page_size=rng.choice([1, 2, 16, 16, 64]),
-        h=h,
-        hkv=hkv,
-        d=rng.choice([32, 32, 64]),
-        dtype=rng.choice(["fp32", "fp32", "fp16", "fp16", "bf16"]),
-        causal=causal,
-        return_lse=rng.random() < 0.8,
-        num_splits=rng.choice([None, None, 1, 2, 3]),
-        shared=b >= 2 and rng.random() < 0.3,
-        pool=rng.random() < 0.2,
-    )
-
-
-@pytest.mark.parametrize("seed", range(40), ids=lambda s: _random_case(s).id)
+@pytest.mark.parametrize("seed", range(40), ids=lambda s: random_case(s).id)
 def test_random_cases(seed, poison_empty):
-    check_case(_random_case(seed), seed=seed)
+    check_case(random_case(seed), seed=seed)
 
 
 def test_split_matches_unsplit():

@@ -1,0 +1,99 @@
+"""The CPU C++ backend: `arpg_kernels._cpu` (csrc/cpu/), reached through `torch.ops.arpg_cpu.*`.
+
+Importing this module never fails: without the compiled library `is_available()` is False and `auto`
+keeps the reference on CPU tensors. What the kernels handle (`supports`): paged attention on CPU
+tensors in float32, float16 and bfloat16 (float accumulation), any head_dim and page size, GQA,
+causal, varlen queries, kv_len 0. The other ops run on the reference here.
+
+The functions below have the signatures of `arpg_kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["PAGED_ATTENTION_DTYPES", "is_available", "load_error", "paged_attention", "supports"]
+
+PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _registered() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("arpg_cpu::paged_attention", "CPU")
+    except RuntimeError:
+        return False
+
+
+def _load() -> Optional[str]:
+    if not _registered():
+        try:
+            importlib.import_module("arpg_kernels._cpu")
+        except (ImportError, OSError) as exc:
+            return f"arpg_kernels._cpu could not be loaded ({exc}); build it with `pip install --no-build-isolation -e .`"
+    if not _registered():
+        return "arpg_kernels._cpu is loaded but does not register arpg_cpu::paged_attention (a stale build?)"
+    return None
+
+
+def _paged_attention_fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale,
+                          return_lse):
+    lse_shape = (q.shape[0], q.shape[1]) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+_load_error = _load()
+if _load_error is None:
+    try:
+        torch.library.register_fake("arpg_cpu::paged_attention", _paged_attention_fake)
+    except RuntimeError as exc:  # already registered (this module was reloaded)
+        if "already" not in str(exc):
+            raise
+
+
+def is_available() -> bool:
+    """Whether the compiled library is loaded and registers the arpg_cpu ops."""
+    return _load_error is None
+
+
+def load_error() -> Optional[str]:
+    """Why the backend is unavailable, or None."""
+    return _load_error
+
+
+def supports(op: str, *tensors: Tensor) -> bool:
+    """Whether the kernels handle these inputs ((q, k_cache, ...) for paged_attention)."""
+    if not is_available() or op != "paged_attention" or len(tensors) < 2:
+        return False
+    q, k_cache = tensors[0], tensors[1]
+    return (q.device.type == "cpu" and q.dtype in PAGED_ATTENTION_DTYPES and k_cache.dtype == q.dtype
+            and q.dim() == 3 and k_cache.dim() == 4)
+
+
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    kv_lens: Tensor,
+    cu_q_lens: Tensor,
+    max_q_len: int,
+    causal: bool,
+    scale: float,
+    return_lse: bool,
+) -> tuple[Tensor, Tensor]:
+    """Paged attention, semantics of `arpg_kernels.reference.paged_attention`.
+
+    q: [T, H, D]; k_cache, v_cache: [num_pages, page_size, Hkv, D]; block_table: int32 [B, max_pages];
+    kv_lens: int32 [B]; cu_q_lens: int32 [B + 1]. Returns out [T, H, D] (q.dtype) and lse [T, H]
+    float32 (shape [0] unless return_lse).
+    """
+    if _load_error is not None:
+        raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
+    return torch.ops.arpg_cpu.paged_attention(
+        q, k_cache, v_cache, block_table.contiguous(), kv_lens.contiguous(), cu_q_lens.contiguous(),
+        int(max_q_len), bool(causal), float(scale), bool(return_lse),
+    )

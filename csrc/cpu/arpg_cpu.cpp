@@ -1,0 +1,131 @@
+// arpg_cpu::paged_attention: the CPU backend behind torch.ops.arpg.paged_attention (arpg_kernels/cpu.py
+// routes there after the shared Python checks). Work items are (sequence, KV head, block of queries),
+// split over torch's intra-op threads; each streams its sequence's pages in place
+// (csrc/include/arpg/cpu/paged_attention.h). Importing the Python module arpg_kernels._cpu loads this
+// library and so registers the ops.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "arpg/cpu/paged_attention.h"
+
+namespace arpg {
+namespace {
+
+constexpr int kQueryBlock = 16;  // queries per work item: long query runs split over threads
+
+template <typename T>
+void Run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
+         const at::Tensor& kv_lens, const at::Tensor& cu_q_lens, int64_t max_q_len, bool causal, double scale,
+         at::Tensor& out, at::Tensor& lse, bool return_lse) {
+  cpu::PagedAttentionArgs<T> a{};
+  a.q = reinterpret_cast<const T*>(q.data_ptr());
+  a.k_cache = reinterpret_cast<const T*>(k_cache.data_ptr());
+  a.v_cache = reinterpret_cast<const T*>(v_cache.data_ptr());
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.kv_lens = kv_lens.data_ptr<int32_t>();
+  a.cu_q_lens = cu_q_lens.data_ptr<int32_t>();
+  a.out = reinterpret_cast<T*>(out.data_ptr());
+  a.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  a.q_stride_token = q.stride(0);
+  a.q_stride_head = q.stride(1);
+  a.out_stride_token = out.stride(0);
+  a.out_stride_head = out.stride(1);
+  a.k_stride_page = k_cache.stride(0);
+  a.k_stride_token = k_cache.stride(1);
+  a.k_stride_head = k_cache.stride(2);
+  a.v_stride_page = v_cache.stride(0);
+  a.v_stride_token = v_cache.stride(1);
+  a.v_stride_head = v_cache.stride(2);
+  a.block_table_stride = block_table.stride(0);
+  a.lse_stride_token = return_lse ? lse.stride(0) : 0;
+  a.num_heads = static_cast<int>(q.size(1));
+  a.num_kv_heads = static_cast<int>(k_cache.size(2));
+  a.head_dim = static_cast<int>(q.size(2));
+  a.num_pages = static_cast<int>(k_cache.size(0));
+  a.page_size = static_cast<int>(k_cache.size(1));
+  a.max_pages = static_cast<int>(block_table.size(1));
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
+
+  const int64_t seqs = block_table.size(0);
+  const int64_t hkv = a.num_kv_heads;
+  const int64_t blocks = std::max<int64_t>((max_q_len + kQueryBlock - 1) / kQueryBlock, 1);
+  at::parallel_for(0, seqs * hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+    cpu::PagedAttentionScratch scratch;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t blk = item % blocks;
+      const int64_t head = (item / blocks) % hkv;
+      const int64_t seq = item / (blocks * hkv);
+      cpu::PagedAttentionBlock(a, static_cast<int>(seq), static_cast<int>(head), static_cast<int>(blk * kQueryBlock),
+                               static_cast<int>((blk + 1) * kQueryBlock), scratch);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> PagedAttention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache, const at::Tensor& block_table,
+                                                  const at::Tensor& kv_lens, const at::Tensor& cu_q_lens,
+                                                  int64_t max_q_len, bool causal, double scale, bool return_lse) {
+  // Shapes, dtypes and index values are checked in Python (arpg_kernels/checks.py); these guard the
+  // raw-pointer reads below against a direct call.
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "arpg_cpu::paged_attention: bad ranks");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "arpg_cpu::paged_attention: the head dim must be contiguous");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && kv_lens.scalar_type() == at::kInt &&
+                  cu_q_lens.scalar_type() == at::kInt && block_table.is_contiguous() && kv_lens.is_contiguous() &&
+                  cu_q_lens.is_contiguous(),
+              "arpg_cpu::paged_attention: index tensors must be contiguous int32");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "arpg_cpu::paged_attention: heads must be a multiple of kv heads");
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = return_lse ? at::full({q.size(0), q.size(1)}, -std::numeric_limits<float>::infinity(),
+                                         q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
+  if (q.size(0) == 0 || block_table.size(0) == 0 || block_table.size(1) == 0 || k_cache.size(0) == 0) {
+    return {out, lse};
+  }
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      Run<float>(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, out, lse, return_lse);
+      break;
+    case at::kHalf:
+      Run<c10::Half>(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, out, lse,
+                     return_lse);
+      break;
+    case at::kBFloat16:
+      Run<c10::BFloat16>(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, out, lse,
+                         return_lse);
+      break;
+    default:
+      TORCH_CHECK(false, "arpg_cpu::paged_attention: dtype must be float32, float16 or bfloat16, got ",
+                  q.scalar_type());
+  }
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace arpg
+
+TORCH_LIBRARY(arpg_cpu, m) {
+  m.set_python_module("arpg_kernels.cpu");
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
+      "Tensor cu_q_lens, int max_q_len, bool causal, float scale, bool return_lse) -> (Tensor out, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(arpg_cpu, CPU, m) { m.impl("paged_attention", &arpg::PagedAttention); }
+
+extern "C" {
+PyObject* PyInit__cpu(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,82 @@
+"""The CPU C++ backend (csrc/cpu/, arpg_kernels.cpu) against the float64 reference, on the cases every
+backend's kernel test draws (tests/kv_cases.py), and its place in the dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import arpg_kernels as ak
+from arpg_kernels import cpu
+from kv_cases import EDGE_CASES, Case, check_paged_kernel, make_inputs, random_case
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"CPU kernels not built: {cpu.load_error()}")
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c.id)
+def test_edge_cases(case, poison_empty):
+    check_paged_kernel(cpu.paged_attention, case, device="cpu")
+
+
+@pytest.mark.parametrize("seed", range(60), ids=lambda s: random_case(s).id)
+def test_random_cases(seed, poison_empty):
+    check_paged_kernel(cpu.paged_attention, random_case(seed), seed, device="cpu")
+
+
+@pytest.mark.parametrize("d", [8, 24, 40, 80, 128])  # odd head sizes: the tail of the 8-wide dot product
+def test_head_dims(d):
+    check_paged_kernel(cpu.paged_attention, Case((3, 1), (37, 20), d=d, h=4, hkv=2, causal=True), device="cpu")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_give_the_same_result(threads):
+    case = Case((40, 3, 17), (60, 45, 80), causal=True, h=4, hkv=1, d=32)
+    inputs = make_inputs(case, device="cpu")
+    args = (*inputs, 40, True, 32**-0.5, True)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = cpu.paged_attention(*args)
+        torch.set_num_threads(threads)
+        got = cpu.paged_attention(*args)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # work items never share a row
+
+
+def test_auto_and_cpu_backends_route_here(monkeypatch):
+    case = Case((2, 1), (20, 9), causal=True)
+    q, kc, vc, bt, kvl, cu = make_inputs(case, device="cpu")
+    kc, vc = torch.nan_to_num(kc), torch.nan_to_num(vc)
+    calls = []
+    real = cpu.paged_attention
+    monkeypatch.setattr(cpu, "paged_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("auto", "cpu"):
+        with ak.use_backend(name):
+            ak.paged_attention(q, kc, vc, bt, kvl, cu, 2, causal=True)
+    assert len(calls) == 2
+    with ak.use_backend("reference"):
+        ak.paged_attention(q, kc, vc, bt, kvl, cu, 2, causal=True)
+    assert len(calls) == 2
+
+
+def test_shared_checks_refuse_bad_input_first():
+    case = Case((2, 1), (20, 9))
+    q, kc, vc, bt, kvl, cu = make_inputs(case, device="cpu")
+    with ak.use_backend("cpu"), pytest.raises(ValueError, match="block_table"):
+        ak.paged_attention(q, kc, vc, bt + 100, kvl, cu, 2)
+
+
+def test_opcheck_and_compile():
+    case = Case((2, 3), (20, 33), causal=True, h=4, hkv=2)
+    q, kc, vc, bt, kvl, cu = make_inputs(case, device="cpu")
+    kc, vc = torch.nan_to_num(kc), torch.nan_to_num(vc)
+    torch.library.opcheck(torch.ops.arpg_cpu.paged_attention.default, (q, kc, vc, bt, kvl, cu, 3, True, 0.2, True))
+
+    def step(q, kc, vc):
+        return ak.paged_attention(q, kc, vc, bt, kvl, cu, 3, causal=True, scale=0.2)
+
+    with ak.use_backend("cpu"):
+        eager = step(q, kc, vc)
+        compiled = torch.compile(step, fullgraph=True, backend="eager")(q, kc, vc)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
