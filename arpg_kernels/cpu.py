@@ -3,7 +3,8 @@
 Importing this module never fails: without the compiled library `is_available()` is False and `auto`
 keeps the reference on CPU tensors. What the kernels handle (`supports`): paged attention on CPU
 tensors in float32, float16 and bfloat16 (float accumulation), any head_dim and page size, GQA,
-causal, varlen queries, kv_len 0. The other ops run on the reference here.
+causal, varlen queries, kv_len 0; append_kv (only the written rows are touched). The other ops run on
+the reference here.
 
 The functions below have the signatures of `arpg_kernels.reference`.
 """
@@ -16,14 +17,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["PAGED_ATTENTION_DTYPES", "is_available", "load_error", "paged_attention", "supports"]
+__all__ = ["PAGED_ATTENTION_DTYPES", "append_kv", "is_available", "load_error", "paged_attention", "supports"]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_OPS = ("paged_attention", "append_kv")
+
+
 def _registered() -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("arpg_cpu::paged_attention", "CPU")
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"arpg_cpu::{op}", "CPU") for op in _OPS)
     except RuntimeError:
         return False
 
@@ -35,7 +39,7 @@ def _load() -> Optional[str]:
         except (ImportError, OSError) as exc:
             return f"arpg_kernels._cpu could not be loaded ({exc}); build it with `pip install --no-build-isolation -e .`"
     if not _registered():
-        return "arpg_kernels._cpu is loaded but does not register arpg_cpu::paged_attention (a stale build?)"
+        return "arpg_kernels._cpu is loaded but does not register the arpg_cpu ops (a stale build?)"
     return None
 
 
@@ -47,11 +51,12 @@ def _paged_attention_fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, 
 
 _load_error = _load()
 if _load_error is None:
-    try:
-        torch.library.register_fake("arpg_cpu::paged_attention", _paged_attention_fake)
-    except RuntimeError as exc:  # already registered (this module was reloaded)
-        if "already" not in str(exc):
-            raise
+    for _name, _fake in (("paged_attention", _paged_attention_fake), ("append_kv", lambda *args: None)):
+        try:
+            torch.library.register_fake(f"arpg_cpu::{_name}", _fake)
+        except RuntimeError as exc:  # already registered (this module was reloaded)
+            if "already" not in str(exc):
+                raise
 
 
 def is_available() -> bool:
@@ -65,12 +70,13 @@ def load_error() -> Optional[str]:
 
 
 def supports(op: str, *tensors: Tensor) -> bool:
-    """Whether the kernels handle these inputs ((q, k_cache, ...) for paged_attention)."""
-    if not is_available() or op != "paged_attention" or len(tensors) < 2:
+    """Whether the kernels handle these inputs: (q, k_cache, ...) for paged_attention, (k, k_cache, ...) for
+    append_kv (what `arpg_kernels.ops.resolve_backend` passes)."""
+    if not is_available() or op not in _OPS or len(tensors) < 2:
         return False
-    q, k_cache = tensors[0], tensors[1]
-    return (q.device.type == "cpu" and q.dtype in PAGED_ATTENTION_DTYPES and k_cache.dtype == q.dtype
-            and q.dim() == 3 and k_cache.dim() == 4)
+    x, k_cache = tensors[0], tensors[1]
+    return (x.device.type == "cpu" and x.dtype in PAGED_ATTENTION_DTYPES and k_cache.dtype == x.dtype
+            and x.dim() == 3 and k_cache.dim() == 4 and k_cache.stride(-1) == 1)
 
 
 def paged_attention(
@@ -97,3 +103,10 @@ def paged_attention(
         q, k_cache, v_cache, block_table.contiguous(), kv_lens.contiguous(), cu_q_lens.contiguous(),
         int(max_q_len), bool(causal), float(scale), bool(return_lse),
     )
+
+
+def append_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Write k, v: [T, Hkv, D] into slots slot_mapping: int64 [T] of the caches (-1 skips a row), in place."""
+    if _load_error is not None:
+        raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
+    torch.ops.arpg_cpu.append_kv(k, v, k_cache, v_cache, slot_mapping.contiguous())

@@ -104,8 +104,8 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
         cpu_backend = _cpu()
         if cpu_backend.supports(op, *tensors):
             return cpu_backend
-        if name == "cpu" and op == "paged_attention":
-            _warn_once(f"arpg: the cpu backend cannot run paged_attention ({cpu_backend.load_error() or 'these inputs'}); "
+        if name == "cpu" and hasattr(cpu_backend, op):
+            _warn_once(f"arpg: the cpu backend cannot run {op} ({cpu_backend.load_error() or 'these inputs'}); "
                        "using the reference")
         return reference
     cuda_backend = _cuda()

@@ -80,3 +80,34 @@ def test_opcheck_and_compile():
         eager = step(q, kc, vc)
         compiled = torch.compile(step, fullgraph=True, backend="eager")(q, kc, vc)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pool", [False, True])
+def test_append_kv_matches_reference(dtype, pool):
+    g = torch.Generator().manual_seed(3)
+    shape = (5, 4, 3, 24)  # pages, page size, Hkv, D
+    if pool:  # layer 1 of a 3-layer pool, and k, v slices of wider tensors: strided views
+        kc, vc = torch.randn(3, *shape, generator=g).to(dtype)[1], torch.randn(3, *shape, generator=g).to(dtype)[1]
+        k = torch.randn(7, 4, 24, generator=g).to(dtype)[:, 1:]
+        v = torch.randn(7, 4, 24, generator=g).to(dtype)[:, :3]
+    else:
+        kc, vc = torch.randn(*shape, generator=g).to(dtype), torch.randn(*shape, generator=g).to(dtype)
+        k, v = torch.randn(7, 3, 24, generator=g).to(dtype), torch.randn(7, 3, 24, generator=g).to(dtype)
+    slots = torch.tensor([0, 19, -1, 5, 6, -1, 13])
+    want_k, want_v = kc.clone(), vc.clone()
+    ak.reference.append_kv(k, v, want_k, want_v, slots)
+    cpu.append_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+def test_append_kv_routes_here_and_keeps_the_shared_checks(monkeypatch):
+    kc, vc = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    calls = []
+    real = cpu.append_kv
+    monkeypatch.setattr(cpu, "append_kv", lambda *a: calls.append(1) or real(*a))
+    ak.append_kv(torch.ones(1, 1, 8), torch.ones(1, 1, 8), kc, vc, torch.tensor([5]))
+    assert calls == [1] and kc[1, 1].eq(1).all() and kc.sum() == 8
+    with pytest.raises(ValueError, match="out of range"):
+        ak.append_kv(torch.ones(1, 1, 8), torch.ones(1, 1, 8), kc, vc, torch.tensor([8]))
+    assert calls == [1]

@@ -1,4 +1,4 @@
-// arpg_cpu::paged_attention: the CPU backend behind torch.ops.arpg.paged_attention (arpg_kernels/cpu.py
+// arpg_cpu::paged_attention and append_kv: the CPU backend behind torch.ops.arpg.* (arpg_kernels/cpu.py
 // routes there after the shared Python checks). Work items are (sequence, KV head, block of queries),
 // split over torch's intra-op threads; each streams its sequence's pages in place
 // (csrc/include/arpg/cpu/paged_attention.h). Importing the Python module arpg_kernels._cpu loads this
@@ -11,6 +11,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -111,6 +112,41 @@ std::tuple<at::Tensor, at::Tensor> PagedAttention(const at::Tensor& q, const at:
   return {out, lse};
 }
 
+// Rows k[t], v[t] ([Hkv, D] each) into slot slot_mapping[t] of the caches; -1 skips the row. Only the
+// written rows are touched (the reference copies the whole cache).
+void AppendKv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "arpg_cpu::append_kv: bad ranks");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type() &&
+                  k.scalar_type() == v.scalar_type(),
+              "arpg_cpu::append_kv: k, v and the caches must share a dtype");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "arpg_cpu::append_kv: the head dim must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "arpg_cpu::append_kv: slot_mapping must be contiguous int64");
+  const int64_t rows = k.size(0), heads = k.size(1), bytes = k.size(2) * k.element_size();
+  const int64_t page_size = k_cache.size(1), slots_total = k_cache.size(0) * page_size;
+  const int64_t esize = k.element_size();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slots[t];
+      if (slot < 0 || slot >= slots_total) continue;  // -1 skips; the Python checks refuse the rest
+      const int64_t page = slot / page_size, off = slot % page_size;
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(kc + (page * k_cache.stride(0) + off * k_cache.stride(1) + h * k_cache.stride(2)) * esize,
+                    kp + (t * k.stride(0) + h * k.stride(1)) * esize, bytes);
+        std::memcpy(vc + (page * v_cache.stride(0) + off * v_cache.stride(1) + h * v_cache.stride(2)) * esize,
+                    vp + (t * v.stride(0) + h * v.stride(1)) * esize, bytes);
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace arpg
 
@@ -119,9 +155,13 @@ TORCH_LIBRARY(arpg_cpu, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
       "Tensor cu_q_lens, int max_q_len, bool causal, float scale, bool return_lse) -> (Tensor out, Tensor lse)");
+  m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(arpg_cpu, CPU, m) { m.impl("paged_attention", &arpg::PagedAttention); }
+TORCH_LIBRARY_IMPL(arpg_cpu, CPU, m) {
+  m.impl("paged_attention", &arpg::PagedAttention);
+  m.impl("append_kv", &arpg::AppendKv);
+}
 
 extern "C" {
 PyObject* PyInit__cpu(void) {
