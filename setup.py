@@ -187,7 +187,7 @@ def cpu_extension():
         name=CPU_EXTENSION,
         sources=sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("cpu/*.cpp")),
         include_dirs=[str(CSRC / "include")],
-        extra_compile_args={"cxx": ["-O3", "-DPy_LIMITED_API=0x030A0000", *openmp], "nvcc": []},
+        extra_compile_args={"cxx": ["-O3", "-ffp-contract=fast", "-DPy_LIMITED_API=0x030A0000", *openmp], "nvcc": []},
         extra_link_args=openmp,
         py_limited_api=True,
     )

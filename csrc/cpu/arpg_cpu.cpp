@@ -1,6 +1,6 @@
 // arpg_cpu::paged_attention and append_kv: the CPU backend behind torch.ops.arpg.* (arpg_kernels/cpu.py
 // routes there after the shared Python checks). Work items are (sequence, KV head, block of queries),
-// split over torch's intra-op threads; each streams its sequence's pages in place
+// taken costliest first by torch's intra-op threads; each streams its sequence's pages in place
 // (csrc/include/arpg/cpu/paged_attention.h). Importing the Python module arpg_kernels._cpu loads this
 // library and so registers the ops.
 #include <ATen/Parallel.h>
@@ -11,6 +11,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -21,7 +23,15 @@
 namespace arpg {
 namespace {
 
-constexpr int kQueryBlock = 16;  // queries per work item: long query runs split over threads
+// Queries per work item. Each item reads its sequence's K/V once for all its rows, so long query runs
+// take the longest block that still gives every thread several items.
+constexpr int kQueryBlocks[] = {64, 32, 16};
+constexpr int kMaxRows = 256;  // rows (queries x heads of a group) per item: its scratch stays in L2
+
+struct WorkItem {
+  int64_t cost;  // rows x visible keys
+  int seq, kv_head, q_begin;
+};
 
 template <typename T>
 void Run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -57,17 +67,46 @@ void Run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   a.causal = causal;
   a.scale = static_cast<float>(scale);
 
-  const int64_t seqs = block_table.size(0);
-  const int64_t hkv = a.num_kv_heads;
-  const int64_t blocks = std::max<int64_t>((max_q_len + kQueryBlock - 1) / kQueryBlock, 1);
-  at::parallel_for(0, seqs * hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+  // Items with visible keys only (the output is prefilled with 0 and the LSE with -inf), costliest
+  // first, handed out one at a time by an atomic counter: varlen batches stay balanced.
+  const int seqs = static_cast<int>(block_table.size(0));
+  const int group = a.num_heads / a.num_kv_heads;
+  const int max_kv = a.max_pages * a.page_size;
+  const int64_t threads = at::get_num_threads();
+  int block = kQueryBlocks[2];
+  for (int b : kQueryBlocks) {
+    if (b * group > kMaxRows && b != kQueryBlocks[2]) continue;
+    int64_t count = 0;
+    for (int seq = 0; seq < seqs; ++seq) count += (a.cu_q_lens[seq + 1] - a.cu_q_lens[seq] + b - 1) / b;
+    if (count * a.num_kv_heads >= 4 * threads) {
+      block = b;
+      break;
+    }
+  }
+  std::vector<WorkItem> items;
+  bool uniform = true;
+  for (int seq = 0; seq < seqs; ++seq) {
+    const int q_len = a.cu_q_lens[seq + 1] - a.cu_q_lens[seq];
+    const int kv_len = std::min(std::max(a.kv_lens[seq], 0), max_kv);
+    for (int q_begin = 0; q_begin < q_len; q_begin += block) {
+      const int q_end = std::min(q_begin + block, q_len);
+      const int span = causal ? std::min(kv_len, std::max(kv_len - q_len + q_end, 0)) : kv_len;
+      if (span <= 0) continue;
+      const int64_t cost = static_cast<int64_t>(q_end - q_begin) * group * span;
+      uniform = uniform && (items.empty() || items.back().cost == cost);
+      for (int head = 0; head < a.num_kv_heads; ++head) items.push_back({cost, seq, head, q_begin});
+    }
+  }
+  if (!uniform) {
+    std::stable_sort(items.begin(), items.end(), [](const WorkItem& x, const WorkItem& y) { return x.cost > y.cost; });
+  }
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
     cpu::PagedAttentionScratch scratch;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t blk = item % blocks;
-      const int64_t head = (item / blocks) % hkv;
-      const int64_t seq = item / (blocks * hkv);
-      cpu::PagedAttentionBlock(a, static_cast<int>(seq), static_cast<int>(head), static_cast<int>(blk * kQueryBlock),
-                               static_cast<int>((blk + 1) * kQueryBlock), scratch);
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed)) {
+      const WorkItem& it = items[i];
+      cpu::PagedAttentionBlock(a, it.seq, it.kv_head, it.q_begin, it.q_begin + block, scratch);
     }
   });
 }
