@@ -3,8 +3,8 @@
 Importing this module never fails: without the compiled library `is_available()` is False and `auto`
 keeps the reference on CPU tensors. What the kernels handle (`supports`): paged attention on CPU
 tensors in float32, float16 and bfloat16 (float accumulation), any head_dim and page size, GQA,
-causal, varlen queries, kv_len 0; append_kv (only the written rows are touched). The other ops run on
-the reference here.
+causal, varlen queries, kv_len 0; append_kv (only the written rows are touched);
+merge_attention_states in the same dtypes. The dense attention ops run on the reference here.
 
 The functions below have the signatures of `arpg_kernels.reference`.
 """
@@ -17,12 +17,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["PAGED_ATTENTION_DTYPES", "append_kv", "is_available", "load_error", "paged_attention", "supports"]
+__all__ = [
+    "PAGED_ATTENTION_DTYPES", "append_kv", "is_available", "load_error", "merge_attention_states", "paged_attention",
+    "supports",
+]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_OPS = ("paged_attention", "append_kv")
+_OPS = ("paged_attention", "append_kv", "merge_attention_states")
 
 
 def _registered() -> bool:
@@ -51,7 +54,12 @@ def _paged_attention_fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, 
 
 _load_error = _load()
 if _load_error is None:
-    for _name, _fake in (("paged_attention", _paged_attention_fake), ("append_kv", lambda *args: None)):
+    for _name, _fake in (
+        ("paged_attention", _paged_attention_fake),
+        ("append_kv", lambda *args: None),
+        ("merge_attention_states", lambda out_a, lse_a, out_b, lse_b: (out_a.new_empty(out_a.shape),
+                                                                       lse_a.new_empty(lse_a.shape))),
+    ):
         try:
             torch.library.register_fake(f"arpg_cpu::{_name}", _fake)
         except RuntimeError as exc:  # already registered (this module was reloaded)
@@ -71,8 +79,13 @@ def load_error() -> Optional[str]:
 
 def supports(op: str, *tensors: Tensor) -> bool:
     """Whether the kernels handle these inputs: (q, k_cache, ...) for paged_attention, (k, k_cache, ...) for
-    append_kv (what `arpg_kernels.ops.resolve_backend` passes)."""
-    if not is_available() or op not in _OPS or len(tensors) < 2:
+    append_kv, (out_a, ...) for merge_attention_states (what `arpg_kernels.ops.resolve_backend` passes)."""
+    if not is_available() or op not in _OPS or not tensors:
+        return False
+    if op == "merge_attention_states":
+        x = tensors[0]
+        return x.device.type == "cpu" and x.dtype in PAGED_ATTENTION_DTYPES and x.dim() == 3 and x.stride(-1) == 1
+    if len(tensors) < 2:
         return False
     x, k_cache = tensors[0], tensors[1]
     return (x.device.type == "cpu" and x.dtype in PAGED_ATTENTION_DTYPES and k_cache.dtype == x.dtype
@@ -110,3 +123,11 @@ def append_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappi
     if _load_error is not None:
         raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
     torch.ops.arpg_cpu.append_kv(k, v, k_cache, v_cache, slot_mapping.contiguous())
+
+
+def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attentions over disjoint key sets, semantics of `arpg_kernels.reference.merge_attention_states`.
+    out_*: [T, H, D]; lse_*: [T, H] float32. Returns out [T, H, D] (out_a.dtype), lse [T, H] float32."""
+    if _load_error is not None:
+        raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
+    return torch.ops.arpg_cpu.merge_attention_states(out_a, lse_a, out_b, lse_b)

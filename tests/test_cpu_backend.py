@@ -8,7 +8,7 @@ import torch
 
 import arpg_kernels as ak
 from arpg_kernels import cpu
-from kv_cases import EDGE_CASES, Case, check_paged_kernel, make_inputs, random_case
+from kv_cases import EDGE_CASES, Case, assert_close_to_fp64, check_paged_kernel, make_inputs, random_case
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"CPU kernels not built: {cpu.load_error()}")
 
@@ -111,3 +111,36 @@ def test_append_kv_routes_here_and_keeps_the_shared_checks(monkeypatch):
     with pytest.raises(ValueError, match="out of range"):
         ak.append_kv(torch.ones(1, 1, 8), torch.ones(1, 1, 8), kc, vc, torch.tensor([8]))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strided", [False, True])
+def test_merge_attention_states_matches_reference(dtype, strided):
+    g = torch.Generator().manual_seed(0)
+    out_a, out_b = (torch.randn(33, 4, 40, generator=g).to(dtype) for _ in range(2))
+    lse_a, lse_b = (3 * torch.randn(33, 4, generator=g) for _ in range(2))
+    lse_a[::3] = float("-inf")
+    lse_b[1::3] = float("-inf")
+    lse_a[2::6] = lse_b[2::6] = float("-inf")
+    if strided:  # heads of a wider tensor, and LSE transposed from [H, T]
+        out_a = torch.cat([out_a, out_a], dim=1)[:, 2:6]
+        lse_a = lse_a.t().contiguous().t()
+    out, lse = cpu.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    hi = ak.reference.merge_attention_states(out_a.double(), lse_a.double(), out_b.double(), lse_b.double())
+    lo = ak.reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert_close_to_fp64("out", out, hi[0], lo[0])
+    assert_close_to_fp64("lse", lse, hi[1], lo[1])
+    assert torch.equal(out[2::6], torch.zeros_like(out[2::6])) and torch.isneginf(lse[2::6]).all()
+
+
+def test_merge_attention_states_routes_here_with_the_shared_checks(monkeypatch):
+    out, lse = torch.randn(5, 2, 8), torch.randn(5, 2)
+    calls = []
+    real = cpu.merge_attention_states
+    monkeypatch.setattr(cpu, "merge_attention_states", lambda *a: calls.append(1) or real(*a))
+    ak.merge_attention_states(out, lse, out, lse)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="lse_b"):
+        ak.merge_attention_states(out, lse, out, lse[:4])
+    assert calls == [1]
+    torch.library.opcheck(torch.ops.arpg_cpu.merge_attention_states.default, (out, lse, out, lse))

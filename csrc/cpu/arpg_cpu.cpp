@@ -1,4 +1,4 @@
-// arpg_cpu::paged_attention and append_kv: the CPU backend behind torch.ops.arpg.* (arpg_kernels/cpu.py
+// arpg_cpu::paged_attention, append_kv and merge_attention_states: the CPU backend behind torch.ops.arpg.* (arpg_kernels/cpu.py
 // routes there after the shared Python checks). Work items are (sequence, KV head, block of queries),
 // taken costliest first by torch's intra-op threads; each streams its sequence's pages in place
 // (csrc/include/arpg/cpu/paged_attention.h). Importing the Python module arpg_kernels._cpu loads this
@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "arpg/cpu/merge_states.h"
 #include "arpg/cpu/paged_attention.h"
 
 namespace arpg {
@@ -186,6 +187,59 @@ void AppendKv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> MergeAttentionStates(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                        const at::Tensor& out_b, const at::Tensor& lse_b) {
+  TORCH_CHECK(out_a.dim() == 3 && out_b.sizes() == out_a.sizes() && out_b.scalar_type() == out_a.scalar_type() &&
+                  lse_a.dim() == 2 && lse_b.dim() == 2 && lse_a.size(0) == out_a.size(0) &&
+                  lse_a.size(1) == out_a.size(1) && lse_b.sizes() == lse_a.sizes(),
+              "arpg_cpu::merge_attention_states: bad shapes");
+  TORCH_CHECK(lse_a.scalar_type() == at::kFloat && lse_b.scalar_type() == at::kFloat,
+              "arpg_cpu::merge_attention_states: lse must be float32");
+  TORCH_CHECK(out_a.stride(2) == 1 && out_b.stride(2) == 1,
+              "arpg_cpu::merge_attention_states: the head dim must be contiguous");
+  at::Tensor out = at::empty(out_a.sizes(), out_a.options());
+  at::Tensor lse = at::empty(lse_a.sizes(), lse_a.options());
+  const int64_t rows = out_a.size(0) * out_a.size(1);
+  if (rows == 0) return {out, lse};
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    cpu::MergeStatesArgs<T> a{};
+    a.out_a = reinterpret_cast<const T*>(out_a.data_ptr());
+    a.out_b = reinterpret_cast<const T*>(out_b.data_ptr());
+    a.lse_a = lse_a.data_ptr<float>();
+    a.lse_b = lse_b.data_ptr<float>();
+    a.out = reinterpret_cast<T*>(out.data_ptr());
+    a.lse = lse.data_ptr<float>();
+    a.a_stride_token = out_a.stride(0);
+    a.a_stride_head = out_a.stride(1);
+    a.b_stride_token = out_b.stride(0);
+    a.b_stride_head = out_b.stride(1);
+    a.lse_a_stride_token = lse_a.stride(0);
+    a.lse_a_stride_head = lse_a.stride(1);
+    a.lse_b_stride_token = lse_b.stride(0);
+    a.lse_b_stride_head = lse_b.stride(1);
+    a.num_heads = out_a.size(1);
+    a.head_dim = out_a.size(2);
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.head_dim, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu::MergeStatesRows(a, begin, end); });
+  };
+  switch (out_a.scalar_type()) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kHalf:
+      run(c10::Half{});
+      break;
+    case at::kBFloat16:
+      run(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "arpg_cpu::merge_attention_states: dtype must be float32, float16 or bfloat16, got ",
+                  out_a.scalar_type());
+  }
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace arpg
 
@@ -195,11 +249,13 @@ TORCH_LIBRARY(arpg_cpu, m) {
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
       "Tensor cu_q_lens, int max_q_len, bool causal, float scale, bool return_lse) -> (Tensor out, Tensor lse)");
   m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(arpg_cpu, CPU, m) {
   m.impl("paged_attention", &arpg::PagedAttention);
   m.impl("append_kv", &arpg::AppendKv);
+  m.impl("merge_attention_states", &arpg::MergeAttentionStates);
 }
 
 extern "C" {
