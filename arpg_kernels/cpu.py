@@ -4,7 +4,11 @@ Importing this module never fails: without the compiled library `is_available()`
 keeps the reference on CPU tensors. What the kernels handle (`supports`): paged attention on CPU
 tensors in float32, float16 and bfloat16 (float accumulation), any head_dim and page size, GQA,
 causal, varlen queries, kv_len 0; append_kv (only the written rows are touched);
-merge_attention_states in the same dtypes. The dense attention ops run on the reference here.
+merge_attention_states in the same dtypes. Dense attention (`attention_forward`, `attention_backward`) goes
+to torch's flash-attention CPU kernels where their semantics are ours: float32 and bfloat16, non-causal or
+causal with as many queries as keys (torch's causal mask is top-left, ours bottom-right), GQA by expanding
+K/V; the backward takes the reference when the LSE itself carries a gradient. torch's bfloat16 kernel
+returns an LSE within about 1e-4 of the exact one (float32: as exact as the reference).
 
 The functions below have the signatures of `arpg_kernels.reference`.
 """
@@ -18,14 +22,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "PAGED_ATTENTION_DTYPES", "append_kv", "is_available", "load_error", "merge_attention_states", "paged_attention",
-    "supports",
+    "PAGED_ATTENTION_DTYPES", "append_kv", "attention_backward", "attention_forward", "is_available", "load_error",
+    "merge_attention_states", "paged_attention", "supports",
 ]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_OPS = ("paged_attention", "append_kv", "merge_attention_states")
+_OPS = ("paged_attention", "append_kv", "merge_attention_states")  # the C++ ops of arpg_cpu
+_DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attention CPU kernels
 
 
 def _registered() -> bool:
@@ -80,6 +85,8 @@ def load_error() -> Optional[str]:
 def supports(op: str, *tensors: Tensor) -> bool:
     """Whether the kernels handle these inputs: (q, k_cache, ...) for paged_attention, (k, k_cache, ...) for
     append_kv, (out_a, ...) for merge_attention_states (what `arpg_kernels.ops.resolve_backend` passes)."""
+    if op in _DENSE_OPS:
+        return _dense_supported(*tensors[:3])
     if not is_available() or op not in _OPS or not tensors:
         return False
     if op == "merge_attention_states":
@@ -90,6 +97,61 @@ def supports(op: str, *tensors: Tensor) -> bool:
     x, k_cache = tensors[0], tensors[1]
     return (x.device.type == "cpu" and x.dtype in PAGED_ATTENTION_DTYPES and k_cache.dtype == x.dtype
             and x.dim() == 3 and k_cache.dim() == 4 and k_cache.stride(-1) == 1)
+
+
+def _dense_supported(q: Tensor, k: Tensor, v: Tensor, causal: Optional[bool] = None) -> bool:
+    """Inputs torch's CPU flash attention computes with our semantics (causal=None: either way)."""
+    # float16: torch rounds its scores to 16 bits (LSE errors ~100x the reference's); the reference serves it.
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or q.dim() != 4 or k.dim() != 4:
+        return False
+    lq, lk = q.shape[1], k.shape[1]
+    if lq == 0 or lk == 0 or q.shape[0] == 0:  # torch gives NaN rows for no keys; ours are 0 and -inf
+        return False
+    return causal is not True or lq == lk
+
+
+def _expand_kv(k: Tensor, v: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """[B, L, Hkv, D] -> [B, Hkv * group, L, D] views for SDPA (query head h reads KV head h // group)."""
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Dense attention, semantics of `arpg_kernels.reference.attention_forward`. q: [B, Lq, H, D];
+    k, v: [B, Lk, Hkv, D]. Returns out [B, Lq, H, D] (q.dtype) and lse [B, Lq, H] float32."""
+    from . import reference
+
+    if not _dense_supported(q, k, v, causal):
+        return reference.attention_forward(q, k, v, causal, scale)
+    kd, vd = _expand_kv(k, v, q.shape[2] // k.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), kd, vd, 0.0, bool(causal), scale=float(scale)
+    )
+    return out.transpose(1, 2).contiguous(), lse.float().transpose(1, 2).contiguous()
+
+
+def attention_backward(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `attention_forward`, semantics of `arpg_kernels.reference.attention_backward`.
+    dout: [B, Lq, H, D]; dlse: [B, Lq, H] float32. Returns dq, dk, dv shaped and typed as q, k, v."""
+    from . import reference
+
+    # torch's kernel differentiates the output only; a gradient through the LSE takes the reference.
+    if not _dense_supported(q, k, v, causal) or bool(dlse.ne(0).any()):
+        return reference.attention_backward(dout, dlse, q, k, v, out, lse, causal, scale)
+    b, lk, hkv, d = k.shape
+    group = q.shape[2] // hkv
+    kd, vd = _expand_kv(k, v, group)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), kd, vd, out.transpose(1, 2), lse.transpose(1, 2), 0.0,
+        bool(causal), scale=float(scale),
+    )
+    dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)  # [B, Lk, H, D]
+    if group > 1:  # sum each group's gradients in float, as the reference does
+        dk = dk.float().reshape(b, lk, hkv, group, d).sum(3)
+        dv = dv.float().reshape(b, lk, hkv, group, d).sum(3)
+    return dq.transpose(1, 2).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
 def paged_attention(

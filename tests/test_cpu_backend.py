@@ -144,3 +144,64 @@ def test_merge_attention_states_routes_here_with_the_shared_checks(monkeypatch):
         ak.merge_attention_states(out, lse, out, lse[:4])
     assert calls == [1]
     torch.library.opcheck(torch.ops.arpg_cpu.merge_attention_states.default, (out, lse, out, lse))
+
+
+# dense attention: torch's CPU flash attention where its semantics are ours ---------------------
+
+
+def _dense(b, lq, lk, h, hkv, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, lq, h, d, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(b, lk, hkv, d, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(b, lk, hkv, d, generator=g).to(dtype).requires_grad_()
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq,lk,h,hkv,causal", [(9, 9, 4, 2, True), (5, 13, 4, 1, False), (16, 16, 2, 2, True)])
+def test_dense_attention_forward_and_backward_match_float64(dtype, lq, lk, h, hkv, causal, monkeypatch):
+    q, k, v = _dense(2, lq, lk, h, hkv, 24, dtype, seed=lq + lk)
+    flash = []
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(cpu.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda *a, **kw: flash.append(1) or real(*a, **kw), raising=False)
+    out, lse = ak.attention(q, k, v, causal=causal, scale=0.3, return_lse=True)
+    assert flash == ([] if dtype == torch.float16 else [1]) and out.dtype == dtype and lse.dtype == torch.float32
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64, l64 = ak.reference.attention_forward(q64, k64, v64, causal, 0.3)
+    g64 = torch.autograd.grad(o64, (q64, k64, v64), dout.double())
+    lo = ak.reference.attention_forward(*(t.detach() for t in (q, k, v)), causal, 0.3)
+    assert_close_to_fp64("out", out, o64, lo[0])
+    if dtype == torch.bfloat16:  # torch's bf16 kernel: LSE within 1e-4 (far below a bf16 output's resolution)
+        torch.testing.assert_close(lse.double(), l64.double(), atol=1e-4, rtol=1e-5)
+    else:
+        assert_close_to_fp64("lse", lse, l64, lo[1])
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), g64):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("lq,lk", [(7, 4), (3, 8), (5, 0)])
+def test_dense_attention_keeps_the_reference_where_torch_differs(lq, lk):
+    # causal with Lq != Lk (torch's mask is top-left, ours bottom-right), and no keys at all
+    q, k, v = _dense(1, lq, lk, 2, 1, 8, torch.float32)
+    out, lse = cpu.attention_forward(q.detach(), k.detach(), v.detach(), True, 0.5)
+    want = ak.reference.attention_forward(q.detach(), k.detach(), v.detach(), True, 0.5)
+    torch.testing.assert_close(out, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse, want[1], rtol=0, atol=0)
+
+
+def test_dense_attention_gradient_through_the_lse_takes_the_reference():
+    q, k, v = _dense(2, 6, 6, 4, 2, 16, torch.float32)
+    out, lse = ak.attention(q, k, v, causal=True, return_lse=True)
+    w = torch.randn_like(lse)
+    grads = torch.autograd.grad((out.sum() + (lse * w).sum()), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64, l64 = ak.reference.attention_forward(q64, k64, v64, True, 16**-0.5)
+    want = torch.autograd.grad(o64.sum() + (l64 * w.double()).sum(), (q64, k64, v64))
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)

@@ -190,7 +190,8 @@ def test_attention_gradcheck_reference_float64():
     dout = torch.randn_like(out)
     dq, dk, dv = reference.attention_backward(dout, torch.zeros_like(lse), q, k, v, out, lse, True, 0.5)
     gq, gk, gv = torch.autograd.grad(out, (q, k, v), dout)
-    torch.testing.assert_close((dq, dk, dv), (gq, gk, gv))
+    # The LSE is float32 for every input dtype, so the backward's P is float32-exact only.
+    torch.testing.assert_close((dq, dk, dv), (gq, gk, gv), atol=2e-6, rtol=2e-6)
 
 
 # merge_attention_states -----------------------------------------------------------------------
