@@ -194,7 +194,7 @@ def bench_dense(record: Record, device: torch.device, dtype: torch.dtype, shapes
 
         flops = 2.5 * 4 * b * h * l * l * d / 2
         full = {**cfg, "dtype": str(dtype).replace("torch.", ""), "causal": True}
-        for name, fn in (("arpg-" + ("triton" if device.type == "cuda" else "reference"), arpg_step), ("sdpa", sdpa_step)):
+        for name, fn in (("arpg-" + ("triton" if device.type == "cuda" else "cpu"), arpg_step), ("sdpa", sdpa_step)):
             t = time_fn(fn, device=device, budget=budget)
             record.add_timing("kernels", "attention_fwd_bwd", name, full, t)
             record.add("kernels", "attention_fwd_bwd", name, full, "throughput", "TFLOP/s", flops / t.median / 1e12)
@@ -204,13 +204,16 @@ def run(record: Record, device: torch.device, quick: bool, progress_factory=None
     bandwidth = measure_copy_bandwidth(device)
     record.add("kernels", "copy", "torch", {}, "bandwidth", "GB/s", bandwidth / 1e9)
     print(f"measured copy bandwidth: {fmt(bandwidth / 1e9)} GB/s (read + write)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
     grid = CPU_PAGED_GRID if quick else GPU_PAGED_GRID
-    progress = progress_factory(total=math.prod(len(v) for v in grid.values()) * len(_paged_providers(device))) if progress_factory else None
-    bench_paged(record, device, grid, dtype, bandwidth, progress=progress)
+    points = math.prod(len(v) for v in grid.values()) * len(_paged_providers(device)) * len(dtypes)
+    progress = progress_factory(total=points) if progress_factory else None
+    for dtype in dtypes:
+        bench_paged(record, device, grid, dtype, bandwidth, progress=progress)
     if progress is not None:
         progress.close()
     shapes = [dict(batch=2, seq_len=256, heads=4, head_dim=64)] if quick else [
         dict(batch=32, seq_len=256, heads=16, head_dim=64), dict(batch=16, seq_len=1024, heads=16, head_dim=64)
     ]
-    bench_dense(record, device, dtype, shapes)
+    for dtype in dtypes:
+        bench_dense(record, device, dtype, shapes)

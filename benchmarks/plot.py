@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def make_figures(rows: list[dict]) -> dict[str, object]:
         if r["bench"] == "kernels" and r["name"] == "paged_attention" and r["metric"] == "bandwidth":
             cfg = json.loads(r["config"])
             if cfg["kv_len"] == 257 and cfg["page_size"] == 16 and cfg["heads"] == 16:
-                bw[f"{r['provider']} q={cfg['q_per_seq']}"].append((cfg["batch"], float(r["median"])))
+                bw[f"{r['provider']} q={cfg['q_per_seq']} {cfg.get('dtype', '')}".rstrip()].append(
+                    (cfg["batch"], float(r["median"])))
     if bw:
         ref = None if copy is None else (copy, f"measured copy bandwidth {fmt(copy)} GB/s")
         figures["paged_attention_bandwidth.png"] = line_figure(
@@ -176,7 +178,7 @@ def summary_markdown(rows: list[dict]) -> str:
         copy = [r for r in kern if r["name"] == "copy"]
         if copy:
             lines.append(f"Measured copy bandwidth (read + write): {fmt(float(copy[-1]['median']))} GB/s.\n")
-        lines += ["| op | provider | config | ms (q20-q80) | spread | GB/s | of copy bw |", "|" + "---|" * 7]
+        lines += ["| op | provider | config | dtype | ms (q20-q80) | spread | GB/s | of copy bw |", "|" + "---|" * 8]
         table = defaultdict(dict)
         for r in kern:
             table[(r["name"], r["config"], r["provider"])][r["metric"]] = r
@@ -187,9 +189,44 @@ def summary_markdown(rows: list[dict]) -> str:
             gbs = fmt(float(m["bandwidth"]["median"])) if "bandwidth" in m else "-"
             frac = _percent(float(m["bandwidth_fraction"]["median"])) if "bandwidth_fraction" in m else "-"
             ms = f"{fmt(float(lat['median']))} ({fmt(float(lat['q20']))}-{fmt(float(lat['q80']))})"
-            lines.append(f"| {name} | {provider} | {_short(cfg)} | {ms} | {_spread_cell(lat)} | {gbs} | {frac} |")
+            dtype = json.loads(cfg).get("dtype", "-")
+            lines.append(f"| {name} | {provider} | {_short(cfg)} | {dtype} | {ms} | {_spread_cell(lat)} | {gbs} | {frac} |")
         lines.append("")
+        lines += _paged_ratio_lines(table)
     return "\n".join(lines) + "\n"
+
+
+PAGED_OURS = ("arpg-cuda", "arpg-triton", "arpg-cpu")
+PAGED_BASELINES = ("gather+sdpa", "sdpa-gathered", "flashinfer", "flash-attn")
+
+
+def _paged_ratio_lines(table: dict) -> list[str]:
+    """Speedup of each of our paged_attention providers over each baseline, per config (baseline latency /
+    ours, medians of one run), and the geometric mean and minimum over the configs."""
+    lat = {(cfg, provider): float(m["latency"]["median"]) for (name, cfg, provider), m in table.items()
+           if name == "paged_attention" and "latency" in m}
+    pairs = [(o, b) for o in PAGED_OURS for b in PAGED_BASELINES
+             if any(p == o for _, p in lat) and any(p == b for _, p in lat)]
+    if not pairs:
+        return []
+    configs = list(dict.fromkeys(cfg for cfg, _ in lat))
+    head = " | ".join(f"{o} vs {b}" for o, b in pairs)
+    lines = ["### paged_attention speedup (baseline ms / ours)\n", f"| config | dtype | {head} |",
+             "|" + "---|" * (2 + len(pairs))]
+    ratios = defaultdict(list)
+    for cfg in configs:
+        cells = []
+        for o, b in pairs:
+            if (cfg, o) in lat and (cfg, b) in lat:
+                ratios[(o, b)].append(lat[(cfg, b)] / lat[(cfg, o)])
+                cells.append(f"{fmt(ratios[(o, b)][-1])}x")
+            else:
+                cells.append("-")
+        lines.append(f"| {_short(cfg)} | {json.loads(cfg).get('dtype', '-')} | {' | '.join(cells)} |")
+    geo = [f"{fmt(math.exp(sum(map(math.log, ratios[p])) / len(ratios[p])))}x" if ratios[p] else "-" for p in pairs]
+    low = [f"{fmt(min(ratios[p]))}x" if ratios[p] else "-" for p in pairs]
+    lines += [f"| geometric mean | | {' | '.join(geo)} |", f"| minimum | | {' | '.join(low)} |", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -144,3 +144,15 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     assert made and all(p.stat().st_size > 0 for p in made)
     summary = plot.summary_markdown(rows)
     assert "| cpu-tiny | 4 | 2 | arpg-engine |" in summary and "engine/eager" in summary
+
+
+def test_summary_has_paged_speedups_with_geometric_mean_and_minimum(tmp_path):
+    record = Record(tmp_path / "results.csv", "cpu")
+    for batch, ours, gathered in ((4, 1.0, 2.0), (16, 4.0, 2.0)):  # 2x and 0.5x: geomean 1x, minimum 0.5x
+        cfg = dict(heads=16, head_dim=64, kv_len=257, q_per_seq=16, batch=batch, page_size=16, dtype="bfloat16")
+        record.add("kernels", "paged_attention", "arpg-cpu", cfg, "latency", "ms", ours, ours, ours, 5, 0.01)
+        record.add("kernels", "paged_attention", "gather+sdpa", cfg, "latency", "ms", gathered, gathered, gathered, 5, 0.01)
+    summary = plot.summary_markdown(record.rows)
+    assert "| config | dtype | arpg-cpu vs gather+sdpa |" in summary
+    assert "| bfloat16 | 2x |" in summary and "| bfloat16 | 0.5x |" in summary
+    assert "| geometric mean | | 1x |" in summary and "| minimum | | 0.5x |" in summary
