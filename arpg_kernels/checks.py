@@ -2,9 +2,11 @@
 
 Metadata checks (rank, shape, dtype, device, strides) cost nothing and always run, in the real and
 in the fake implementations. Value checks (cu_q_lens monotone, page ids in range, ...) need the
-index tensors' contents: on CPU they always run; on CUDA they read the tensors back (a host sync),
-so they run only outside CUDA-graph capture and only while `set_checks(True)` (the default).
-The kernels never read outside the cache even when value checks are off: page ids are clamped.
+index tensors' contents; they run while `set_checks(True)` (the default), on CUDA only outside
+CUDA-graph capture (they read the tensors back, a host sync). On CPU they cost tens of microseconds
+a call, which a decoding loop that built its own indices (the engine) turns off. With value checks
+off no kernel reads or writes outside its tensors: page ids are clamped, the CPU kernels refuse a
+cu_q_lens that leaves the queries and skip slots outside the cache.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _value_checks = True
 
 
 def set_checks(enabled: bool) -> None:
-    """Turn the value checks on CUDA tensors on or off (process-wide). CPU inputs are always checked."""
+    """Turn the value checks on or off (process-wide; on by default)."""
     global _value_checks
     _value_checks = bool(enabled)
 
@@ -38,10 +40,10 @@ def value_checks(enabled: bool):
 def _values_checkable(t: torch.Tensor) -> bool:
     if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
         return False
-    if t.device.type == "cpu":
-        return True
     if not _value_checks:
         return False
+    if t.device.type == "cpu":
+        return True
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return not torch.compiler.is_compiling()

@@ -205,3 +205,22 @@ def test_dense_attention_gradient_through_the_lse_takes_the_reference():
     want = torch.autograd.grad(o64.sum() + (l64 * w.double()).sum(), (q64, k64, v64))
     for got, exp in zip(grads, want):
         torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
+
+
+def test_unchecked_bad_indices_stay_inside_the_tensors():
+    # With value checks off, the kernel itself refuses queries outside q and clamps pages and lengths.
+    case = Case((2, 3), (20, 9))
+    q, kc, vc, bt, kvl, cu = make_inputs(case, device="cpu")
+    with ak.value_checks(False), ak.use_backend("cpu"):
+        with pytest.raises(RuntimeError, match="cu_q_lens"):
+            ak.paged_attention(q, kc, vc, bt, kvl, torch.tensor([0, 2, 9], dtype=torch.int32), 3)
+        with pytest.raises(RuntimeError, match="cu_q_lens"):
+            ak.paged_attention(q, kc, vc, bt, kvl, torch.tensor([0, 3, 2], dtype=torch.int32), 3)
+        out, _ = ak.paged_attention(q, kc, vc, bt * 0 + 10**6, kvl * 0 + 10**6, cu, 3)  # clamped: garbage, not a crash
+        assert out.shape == q.shape
+        before = kc.clone()
+        row = q[:1, : kc.shape[2]]
+        ak.append_kv(row, row, kc, vc, torch.tensor([10**9]))  # outside the cache: skipped
+        assert torch.equal(torch.nan_to_num(kc, 7.0), torch.nan_to_num(before, 7.0))
+    with pytest.raises(ValueError, match="cu_q_lens"):  # checks on again
+        ak.paged_attention(q, kc, vc, bt, kvl, torch.tensor([0, 2, 9], dtype=torch.int32), 3)

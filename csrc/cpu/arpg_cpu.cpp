@@ -71,6 +71,13 @@ void Run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   // Items with visible keys only (the output is prefilled with 0 and the LSE with -inf), costliest
   // first, handed out one at a time by an atomic counter: varlen batches stay balanced.
   const int seqs = static_cast<int>(block_table.size(0));
+  // The Python value checks may be off (ak.set_checks(False)): page ids and kv_lens are clamped in the
+  // kernel, and queries outside q are refused here.
+  for (int seq = 0; seq < seqs; ++seq) {
+    TORCH_CHECK(a.cu_q_lens[seq] >= 0 && a.cu_q_lens[seq] <= a.cu_q_lens[seq + 1] && a.cu_q_lens[seq + 1] <= q.size(0),
+                "arpg_cpu::paged_attention: cu_q_lens must be non-decreasing within [0, ", q.size(0), "], got ",
+                a.cu_q_lens[seq], ", ", a.cu_q_lens[seq + 1], " at sequence ", seq);
+  }
   const int group = a.num_heads / a.num_kv_heads;
   const int max_kv = a.max_pages * a.page_size;
   const int64_t threads = at::get_num_threads();
@@ -126,6 +133,12 @@ std::tuple<at::Tensor, at::Tensor> PagedAttention(const at::Tensor& q, const at:
                   cu_q_lens.is_contiguous(),
               "arpg_cpu::paged_attention: index tensors must be contiguous int32");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "arpg_cpu::paged_attention: heads must be a multiple of kv heads");
+  TORCH_CHECK(block_table.dim() == 2 && kv_lens.numel() == block_table.size(0) &&
+                  cu_q_lens.numel() == block_table.size(0) + 1,
+              "arpg_cpu::paged_attention: kv_lens needs B and cu_q_lens B + 1 entries for a block_table of B rows");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
+                  k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "arpg_cpu::paged_attention: the caches must match each other and q in shape and dtype");
   at::Tensor out = at::zeros(q.sizes(), q.options());
   at::Tensor lse = return_lse ? at::full({q.size(0), q.size(1)}, -std::numeric_limits<float>::infinity(),
                                          q.options().dtype(at::kFloat))
