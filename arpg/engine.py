@@ -11,6 +11,7 @@ with static input buffers and replayed, in this and later generations of the sam
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import weakref
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.profiler import record_function
 
 import arpg_kernels as ak
 
@@ -398,18 +400,22 @@ class Engine:
 
         seq_ids, inputs = self._prepare([list(p) for p in plans], rows, seq_len)
         all_logits = []
+        # Named regions for torch.profiler (arpg-bench's step breakdown), entered only while it records.
+        region = record_function if torch.autograd._profiler_enabled() else lambda name: contextlib.nullcontext()
         try:
             with ak.value_checks(False):
                 for inp in inputs:
-                    logits = self._run(buf.index_select(0, inp.in_index), inp, rows, grid)
+                    with region("arpg.model_step"):
+                        logits = self._run(buf.index_select(0, inp.in_index), inp, rows, grid)
                     if return_logits:
                         all_logits.append(logits.clone())
-                    if use_cfg:
-                        logits = guide(*logits.chunk(2), inp.cfg)
-                    if teacher_tokens is not None:
-                        sampled = teacher_tokens.index_select(0, inp.out_index)
-                    else:
-                        sampled = _sample(logits, inp, temperature, top_k, top_p, generator)
+                    with region("arpg.sample"):
+                        if use_cfg:
+                            logits = guide(*logits.chunk(2), inp.cfg)
+                        if teacher_tokens is not None:
+                            sampled = teacher_tokens.index_select(0, inp.out_index)
+                        else:
+                            sampled = _sample(logits, inp, temperature, top_k, top_p, generator)
                     buf.index_copy_(0, inp.out_index, sampled)
         finally:
             self.cache.free(seq_ids)

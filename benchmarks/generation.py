@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import resource
 import time
+from collections import defaultdict
 
 import torch
 
@@ -21,6 +22,7 @@ from arpg.eager import eager_generate
 from arpg.engine import Engine
 
 from .common import Budget, Record, fmt, timing
+from .plot import STEP_PARTS
 
 # A CPU-sized stand-in with the real step structure: a 16x16 grid (256 tokens), head_dim 64.
 CPU_CONFIG = ARPGConfig(dim=128, n_layer=4, n_head=2, vocab_size=1024, num_classes=10, grid_size=16, ffn_multiple_of=64)
@@ -139,3 +141,68 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
         record.add("process", "peak_rss", "all", {}, "peak_rss", "MiB", rss)
         print(f"  process peak RSS: {fmt(rss)} MiB")
     return summaries
+
+
+def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
+    """Host milliseconds per step by part, from torch.profiler events of one `Engine.generate`.
+
+    attention: the arpg ops (paged_attention, append_kv, with their Python checks and dispatch);
+    projections: linear/matmul; other_model_ops: the model's remaining torch ops (norms, RoPE, MLP
+    activations); model_python: the model step's time outside any op (Python, dispatch); sampling:
+    guidance and the sampler, all of it; engine_other: the rest of the wall time (the plan, index
+    bookkeeping, Python between steps)."""
+    us = defaultdict(float)
+    top = [e for e in events if e.cpu_parent is None]
+    for e in top:
+        if e.name == "arpg.model_step":
+            children = 0.0
+            for c in e.cpu_children:
+                children += c.cpu_time_total
+                if c.name.startswith("arpg::") or c.name.startswith("arpg_cpu::"):
+                    us["attention"] += c.cpu_time_total
+                elif c.name in ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"):
+                    us["projections"] += c.cpu_time_total
+                else:
+                    us["other_model_ops"] += c.cpu_time_total
+            us["model_python"] += e.cpu_time_total - children
+        elif e.name == "arpg.sample":
+            us["sampling"] += e.cpu_time_total
+    us["engine_other"] = max(wall_s * 1e6 - sum(us.values()), 0.0)
+    return {part: us[part] / 1e3 / steps for part in STEP_PARTS}
+
+
+def profile_engine_step(record: Record, device: torch.device, name: str, batch: int, steps: int,
+                        dtype: torch.dtype, cfg_scale: float = 4.0) -> dict[str, float]:
+    """One profiled `Engine.generate` (after two warm-ups); records and returns `step_breakdown`, plus
+    the profiled and the unprofiled wall time per step (the profiler's own overhead shows as the gap)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    arpg_cfg, _ = _config(name)
+    torch.manual_seed(0)
+    model = ARPG(arpg_cfg).to(device, dtype).eval()
+    labels = torch.arange(batch, device=device) % arpg_cfg.num_classes
+    engine = Engine(model, 2 * batch, use_cuda_graphs=True)
+    run = lambda: engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)  # noqa: E731
+    for _ in range(2):
+        run()
+    _sync(device)
+    t0 = time.perf_counter()
+    run()
+    _sync(device)
+    plain = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    parts = step_breakdown(prof.events(), wall, steps)
+    parts.update(profiled_step=wall * 1e3 / steps, unprofiled_step=plain * 1e3 / steps)
+    cfg = {"model": name, "steps": steps, "batch": batch, "cfg_scale": cfg_scale,
+           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+    for part, ms in parts.items():
+        record.add("generation", "step_profile", "arpg-engine", cfg, f"ms_{part}", "ms", ms)
+    shown = ", ".join(f"{p} {fmt(parts[p])}" for p in STEP_PARTS)
+    print(f"  {name} batch {batch}, {steps} steps: engine step {fmt(parts['unprofiled_step'])} ms "
+          f"({fmt(parts['profiled_step'])} profiled: {shown})")
+    return parts

@@ -155,6 +155,8 @@ def summary_markdown(rows: list[dict]) -> str:
         ]
         table = defaultdict(dict)
         for r in gen:
+            if r["name"] != "generate":
+                continue
             cfg = json.loads(r["config"])
             table[(cfg["model"], cfg["steps"], cfg["batch"], r["provider"])][r["metric"]] = r
         for (model, steps, batch, provider), m in sorted(table.items()):
@@ -170,6 +172,7 @@ def summary_markdown(rows: list[dict]) -> str:
                 cfg = json.loads(r["config"])
                 ratio = f"{r['metric'][6:]} | {fmt(float(r['median']))}x"
                 lines.append(f"| {cfg['model']} | {cfg['steps']} | {cfg['batch']} | {ratio} |")
+        lines += _step_profile_lines([r for r in gen if r["name"] == "step_profile"])
         lines.append("")
     kernel_metrics = ("latency", "bandwidth", "bandwidth_fraction")
     kern = [r for r in rows if r["bench"] == "kernels" and r["metric"] in kernel_metrics]
@@ -194,6 +197,28 @@ def summary_markdown(rows: list[dict]) -> str:
         lines.append("")
         lines += _paged_ratio_lines(table)
     return "\n".join(lines) + "\n"
+
+
+STEP_PARTS = ("attention", "projections", "other_model_ops", "model_python", "sampling", "engine_other")
+
+
+def _step_profile_lines(rows: list[dict]) -> list[str]:
+    """The engine step's host time by part (benchmarks/generation.py: step_breakdown), ms per step."""
+    if not rows:
+        return []
+    by_cfg = defaultdict(dict)
+    for r in rows:
+        by_cfg[r["config"]][r["metric"][3:]] = float(r["median"])
+    head = " | ".join(p.replace("_", " ") for p in STEP_PARTS)
+    lines = ["", "Engine step, host ms per step by part (torch.profiler; shares of the profiled step):\n",
+             f"| model | steps | batch | step ms | profiled | {head} |", "|" + "---|" * (5 + len(STEP_PARTS))]
+    for cfg, parts in by_cfg.items():
+        c = json.loads(cfg)
+        total = parts.get("profiled_step") or 1.0
+        cells = [f"{fmt(parts.get(p, 0.0))} ({_percent(parts.get(p, 0.0) / total)})" for p in STEP_PARTS]
+        lines.append(f"| {c['model']} | {c['steps']} | {c['batch']} | {fmt(parts.get('unprofiled_step', 0.0))} | "
+                     f"{fmt(total)} | {' | '.join(cells)} |")
+    return lines
 
 
 PAGED_OURS = ("arpg-cuda", "arpg-triton", "arpg-cpu")

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         generation.bench_generation(record, device, grid, dtype, progress=bar)
         if bar is not None:
             bar.close()
+        print("generation: where an engine step's host time goes (torch.profiler, largest batch and step count)")
+        for name in grid["models"]:
+            generation.profile_engine_step(record, device, name, max(grid["batches"]), max(grid["steps"]), dtype)
     if args.only in (None, "kernels"):
         print("kernels: paged_attention per provider, dense attention fwd+bwd")
         kernels.run(record, device, quick_grid, progress_factory=None if quick_grid else progress_factory)

@@ -127,6 +127,11 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     (s,) = summaries
     assert s["engine_vs_eager"] > 0 and s["arpg_vs_raster"] > 0
     assert s["arpg-engine"]["kv_cache_memory"] > 0 and s["arpg-engine"]["spread"] >= 0
+    parts = generation.profile_engine_step(record, torch.device("cpu"), "cpu-tiny", 2, 4, torch.float32)
+    # Every part was seen, none is negative, and the parts add up to the profiled wall time.
+    assert all(parts[p] > 0 for p in ("attention", "projections", "other_model_ops", "sampling"))
+    assert all(parts[p] >= 0 for p in plot.STEP_PARTS) and parts["unprofiled_step"] > 0
+    assert sum(parts[p] for p in plot.STEP_PARTS) >= 0.999 * parts["profiled_step"]
     grid = dict(heads=[2], head_dim=[32], kv_len=[17], q_per_seq=[3], batch=[2], page_size=[16])
     budget = Budget(0, 0, min_reps=2)
     kernels.bench_paged(record, torch.device("cpu"), grid, torch.float32, bandwidth=1e10, budget=budget)
@@ -136,7 +141,7 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     assert {"arpg-reference", "sdpa-gathered"} <= providers
     metrics = {r["metric"] for r in rows}
     assert {"latency", "images_per_s", "ms_per_step", "kv_cache_memory", "ratio_engine/eager", "ratio_arpg/raster",
-            "bandwidth", "bandwidth_fraction"} <= metrics
+            "bandwidth", "bandwidth_fraction", "ms_attention", "ms_sampling"} <= metrics
     assert all(json.loads(r["config"]) is not None and r["device"] for r in rows)
     assert all(int(r["n"]) >= 2 and float(r["spread"]) >= 0 for r in rows if r["metric"] == "latency")
 
@@ -144,6 +149,7 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     assert made and all(p.stat().st_size > 0 for p in made)
     summary = plot.summary_markdown(rows)
     assert "| cpu-tiny | 4 | 2 | arpg-engine |" in summary and "engine/eager" in summary
+    assert "Engine step, host ms per step by part" in summary and "| cpu-tiny | 4 | 2 |" in summary
 
 
 def test_summary_has_paged_speedups_with_geometric_mean_and_minimum(tmp_path):
