@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace arpg {
@@ -113,13 +114,15 @@ ARPG_CPU_INLINE Vec8 TransposeSum8(const Vec8* v) {
 
 // Scores of R query rows against KB keys (R * KB <= 8): dot products over dv (a multiple of 8), all
 // R * KB accumulators live in registers, one transpose-sum at the end. s: row r's scores at s[r * kKeyTile].
+// k: key b's row at k + b * ks (ks: elements between keys; dv for a gathered tile, the cache's token
+// stride when the tile is read in place).
 template <int R, int KB>
-ARPG_CPU_INLINE void ScoreBlock(const float* q, const float* k, int dv, float* s) {
+ARPG_CPU_INLINE void ScoreBlock(const float* q, const float* k, int64_t ks, int dv, float* s) {
   static_assert(R * KB <= 8, "at most eight accumulators");
   Vec8 acc[8] = {};
   for (int d = 0; d < dv; d += 8) {
     Vec8 kv[KB];
-    for (int b = 0; b < KB; ++b) kv[b] = Load8(k + b * dv + d);
+    for (int b = 0; b < KB; ++b) kv[b] = Load8(k + b * ks + d);
     for (int r = 0; r < R; ++r) {
       const Vec8 qv = Load8(q + r * dv + d);
       for (int b = 0; b < KB; ++b) acc[r * KB + b] += qv * kv[b];
@@ -132,38 +135,39 @@ ARPG_CPU_INLINE void ScoreBlock(const float* q, const float* k, int dv, float* s
 }
 
 // Scores of `rows` rows against the kKeyTile keys of the tile.
-ARPG_CPU_INLINE void ScoreTile(const float* q, const float* k, int rows, int dv, float* s) {
+ARPG_CPU_INLINE void ScoreTile(const float* q, const float* k, int64_t ks, int rows, int dv, float* s) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    for (int j = 0; j < kKeyTile; j += 2) ScoreBlock<4, 2>(q + r * dv, k + j * dv, dv, s + r * kKeyTile + j);
+    for (int j = 0; j < kKeyTile; j += 2) ScoreBlock<4, 2>(q + r * dv, k + j * ks, ks, dv, s + r * kKeyTile + j);
   }
   const float* qr = q + r * dv;
   float* sr = s + r * kKeyTile;
   switch (rows - r) {
     case 3:
-      for (int j = 0; j < kKeyTile; j += 2) ScoreBlock<3, 2>(qr, k + j * dv, dv, sr + j);
+      for (int j = 0; j < kKeyTile; j += 2) ScoreBlock<3, 2>(qr, k + j * ks, ks, dv, sr + j);
       break;
     case 2:
-      for (int j = 0; j < kKeyTile; j += 4) ScoreBlock<2, 4>(qr, k + j * dv, dv, sr + j);
+      for (int j = 0; j < kKeyTile; j += 4) ScoreBlock<2, 4>(qr, k + j * ks, ks, dv, sr + j);
       break;
     case 1:
-      for (int j = 0; j < kKeyTile; j += 8) ScoreBlock<1, 8>(qr, k + j * dv, dv, sr + j);
+      for (int j = 0; j < kKeyTile; j += 8) ScoreBlock<1, 8>(qr, k + j * ks, ks, dv, sr + j);
       break;
     default:
       break;
   }
 }
 
-// acc[r][d0 : d0 + 8C] = acc * corr[r] + sum_j p[r][j] v[j][d0 : d0 + 8C] for R rows, all kKeyTile keys.
+// acc[r][d0 : d0 + 8C] = acc * corr[r] + sum_j p[r][j] v[j][d0 : d0 + 8C] for R rows, all kKeyTile keys;
+// value j's row at v + j * vs.
 template <int R, int C>
-ARPG_CPU_INLINE void PvBlock(float* acc, const float* p, const float* corr, const float* v, int dv) {
+ARPG_CPU_INLINE void PvBlock(float* acc, const float* p, const float* corr, const float* v, int64_t vs, int dv) {
   Vec8 o[R][C];
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) o[r][c] = Load8(acc + r * dv + 8 * c) * corr[r];
   }
   for (int j = 0; j < kKeyTile; ++j) {
     Vec8 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = Load8(v + j * dv + 8 * c);
+    for (int c = 0; c < C; ++c) vv[c] = Load8(v + j * vs + 8 * c);
     for (int r = 0; r < R; ++r) {
       const Vec8 pr = Splat8(p[r * kKeyTile + j]);
       for (int c = 0; c < C; ++c) o[r][c] += pr * vv[c];
@@ -175,24 +179,25 @@ ARPG_CPU_INLINE void PvBlock(float* acc, const float* p, const float* corr, cons
 }
 
 template <int R, int C>
-ARPG_CPU_INLINE void PvRows(float* acc, const float* p, const float* corr, const float* v, int dv) {
+ARPG_CPU_INLINE void PvRows(float* acc, const float* p, const float* corr, const float* v, int64_t vs, int dv) {
   int d = 0;
-  for (; d + 8 * C <= dv; d += 8 * C) PvBlock<R, C>(acc + d, p, corr, v + d, dv);
-  for (; d < dv; d += 8) PvBlock<R, 1>(acc + d, p, corr, v + d, dv);
+  for (; d + 8 * C <= dv; d += 8 * C) PvBlock<R, C>(acc + d, p, corr, v + d, vs, dv);
+  for (; d < dv; d += 8) PvBlock<R, 1>(acc + d, p, corr, v + d, vs, dv);
 }
 
-ARPG_CPU_INLINE void PvTile(float* acc, const float* p, const float* corr, const float* v, int rows, int dv) {
+ARPG_CPU_INLINE void PvTile(float* acc, const float* p, const float* corr, const float* v, int64_t vs, int rows,
+                            int dv) {
   int r = 0;
-  for (; r + 4 <= rows; r += 4) PvRows<4, 2>(acc + r * dv, p + r * kKeyTile, corr + r, v, dv);
+  for (; r + 4 <= rows; r += 4) PvRows<4, 2>(acc + r * dv, p + r * kKeyTile, corr + r, v, vs, dv);
   switch (rows - r) {
     case 3:
-      PvRows<3, 2>(acc + r * dv, p + r * kKeyTile, corr + r, v, dv);
+      PvRows<3, 2>(acc + r * dv, p + r * kKeyTile, corr + r, v, vs, dv);
       break;
     case 2:
-      PvRows<2, 4>(acc + r * dv, p + r * kKeyTile, corr + r, v, dv);
+      PvRows<2, 4>(acc + r * dv, p + r * kKeyTile, corr + r, v, vs, dv);
       break;
     case 1:
-      PvRows<1, 4>(acc + r * dv, p + r * kKeyTile, corr + r, v, dv);
+      PvRows<1, 4>(acc + r * dv, p + r * kKeyTile, corr + r, v, vs, dv);
       break;
     default:
       break;
@@ -261,10 +266,27 @@ ARPG_CPU_INLINE void PagedAttentionBlockImpl(const PagedAttentionArgs<T>& a, int
     }
   };
   prefetch(0);
+  // fp32 pages whose head dim needs no padding and whose size is a multiple of the tile are read in place:
+  // a full tile then lies in one page, kKeyTile rows at the cache's token stride. Other tiles are gathered
+  // (converted, zero-padded; the last one zero-filled past the span, where a page may hold stale values).
+  const bool in_place = std::is_same<T, float>::value && dv == dim && ps % kKeyTile == 0;
   for (int start = 0; start < span; start += kKeyTile) {
     const int nk = std::min(kKeyTile, span - start);
     if (start + kKeyTile < span) prefetch(start + kKeyTile);
-    for (int j = 0; j < nk; ++j) {
+    const float* kp = kt;
+    const float* vp = vt;
+    int64_t ks = dv, vs = dv;
+    if (in_place && nk == kKeyTile) {
+      const int64_t page = std::min(std::max(pages[start / ps], 0), a.num_pages - 1);
+      const int64_t slot = start % ps;
+      kp = reinterpret_cast<const float*>(a.k_cache + page * a.k_stride_page + slot * a.k_stride_token +
+                                          kv_head * a.k_stride_head);
+      vp = reinterpret_cast<const float*>(a.v_cache + page * a.v_stride_page + slot * a.v_stride_token +
+                                          kv_head * a.v_stride_head);
+      ks = a.k_stride_token;
+      vs = a.v_stride_token;
+    }
+    for (int j = 0; j < nk && kp == kt; ++j) {
       const int key = start + j;
       const int64_t page = std::min(std::max(pages[key / ps], 0), a.num_pages - 1);
       const int64_t slot = key % ps;
@@ -273,11 +295,11 @@ ARPG_CPU_INLINE void PagedAttentionBlockImpl(const PagedAttentionArgs<T>& a, int
       ToFloat(a.v_cache + page * a.v_stride_page + slot * a.v_stride_token + kv_head * a.v_stride_head, dim,
               vt + static_cast<size_t>(j) * dv);
     }
-    if (nk < kKeyTile) {  // the last tile: zero keys and values past the span
+    if (nk < kKeyTile) {  // the last tile: zero keys and values past the span (always gathered)
       std::fill(kt + static_cast<size_t>(nk) * dv, kt + static_cast<size_t>(kKeyTile) * dv, 0.0f);
       std::fill(vt + static_cast<size_t>(nk) * dv, vt + static_cast<size_t>(kKeyTile) * dv, 0.0f);
     }
-    ScoreTile(w.q.data(), kt, rows, dv, s);
+    ScoreTile(w.q.data(), kp, ks, rows, dv, s);
     for (int r = 0; r < rows; ++r) {
       float* sr = s + static_cast<size_t>(r) * kKeyTile;
       const int visible = std::min(nk, limit(q_begin + r / group) - start);
@@ -300,7 +322,7 @@ ARPG_CPU_INLINE void PagedAttentionBlockImpl(const PagedAttentionArgs<T>& a, int
       Store8(lr, Load8(lr) * corr[r] + sum);
       w.m[r] = mx;
     }
-    PvTile(w.acc.data(), s, corr, vt, rows, dv);
+    PvTile(w.acc.data(), s, corr, vp, vs, rows, dv);
   }
   for (int r = 0; r < rows; ++r) {
     const int64_t token = q0 + q_begin + r / group;
