@@ -212,7 +212,8 @@ def merge_attention_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine attentions over disjoint key sets. out_*: [T, H, D]; lse_*: [T, H] float32.
 
-    Returns out [T, H, D] (out_a.dtype) and lse [T, H] float32; two empty halves give 0 and -inf.
+    Returns out [T, H, D] (out_a.dtype) and lse [T, H] float32; two empty halves give 0 and -inf. An
+    empty half (lse -inf) is ignored, whatever its output holds.
     """
     acc = _acc_dtype(out_a.dtype)
     la, lb = lse_a.to(acc), lse_b.to(acc)
@@ -222,6 +223,9 @@ def merge_attention_states(
     denom = wa + wb
     empty = denom == 0
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
-    out = (out_a.to(acc) * wa.unsqueeze(-1) + out_b.to(acc) * wb.unsqueeze(-1)) / denom_safe.unsqueeze(-1)
+    # A side with no weight (an empty state) contributes nothing, whatever its output holds (NaN included).
+    part_a = torch.where(wa.unsqueeze(-1) > 0, out_a.to(acc) * wa.unsqueeze(-1), 0.0)
+    part_b = torch.where(wb.unsqueeze(-1) > 0, out_b.to(acc) * wb.unsqueeze(-1), 0.0)
+    out = (part_a + part_b) / denom_safe.unsqueeze(-1)
     lse = torch.where(empty, torch.full_like(m, float("-inf")), m_safe + torch.log(denom_safe))
     return out.to(out_a.dtype), lse.float()

@@ -42,6 +42,10 @@ void MergeStatesRows(const MergeStatesArgs<T>& a, int64_t begin, int64_t end) {
     T* y = a.out + row * a.head_dim;
     if (empty) {
       for (int64_t d = 0; d < a.head_dim; ++d) y[d] = T(0.0f);
+    } else if (cb == 0.0f || ca == 0.0f) {  // a side with no weight (an empty state) is not read: it may hold NaN
+      const T* x = cb == 0.0f ? xa : xb;
+      const float c = cb == 0.0f ? ca : cb;
+      for (int64_t d = 0; d < a.head_dim; ++d) y[d] = T(static_cast<float>(x[d]) * c);
     } else {
       for (int64_t d = 0; d < a.head_dim; ++d) {
         y[d] = T(static_cast<float>(xa[d]) * ca + static_cast<float>(xb[d]) * cb);
