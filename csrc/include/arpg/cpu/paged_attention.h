@@ -285,15 +285,16 @@ ARPG_CPU_INLINE void PagedAttentionBlockImpl(const PagedAttentionArgs<T>& a, int
                                           kv_head * a.v_stride_head);
       ks = a.k_stride_token;
       vs = a.v_stride_token;
-    }
-    for (int j = 0; j < nk && kp == kt; ++j) {
-      const int key = start + j;
-      const int64_t page = std::min(std::max(pages[key / ps], 0), a.num_pages - 1);
-      const int64_t slot = key % ps;
-      ToFloat(a.k_cache + page * a.k_stride_page + slot * a.k_stride_token + kv_head * a.k_stride_head, dim,
-              kt + static_cast<size_t>(j) * dv);
-      ToFloat(a.v_cache + page * a.v_stride_page + slot * a.v_stride_token + kv_head * a.v_stride_head, dim,
-              vt + static_cast<size_t>(j) * dv);
+    } else {
+      for (int j = 0; j < nk; ++j) {
+        const int key = start + j;
+        const int64_t page = std::min(std::max(pages[key / ps], 0), a.num_pages - 1);
+        const int64_t slot = key % ps;
+        ToFloat(a.k_cache + page * a.k_stride_page + slot * a.k_stride_token + kv_head * a.k_stride_head, dim,
+                kt + static_cast<size_t>(j) * dv);
+        ToFloat(a.v_cache + page * a.v_stride_page + slot * a.v_stride_token + kv_head * a.v_stride_head, dim,
+                vt + static_cast<size_t>(j) * dv);
+      }
     }
     if (nk < kKeyTile) {  // the last tile: zero keys and values past the span (always gathered)
       std::fill(kt + static_cast<size_t>(nk) * dv, kt + static_cast<size_t>(kKeyTile) * dv, 0.0f);
