@@ -8,14 +8,19 @@ Whether this machine has a GPU plays no part. torch comes from the environment:
 
     pip install --no-build-isolation -e .
 
+Each extension built is noted in `arpg_kernels/_build.json` with the torch (and CUDA) it was built
+against; under another torch minor release the package says so in one line and does not load it.
+
 Environment: CUDA_HOME (the toolkit; otherwise found through `nvcc`, which may be a wrapper script),
 TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; the kernels need sm_80+), MAX_JOBS (default 2),
-FORCE_CUDA, ARPG_SKIP_CUDA_BUILD.
+FORCE_CUDA, ARPG_SKIP_CUDA_BUILD, ARPG_LOCAL_VERSION (`auto`: the torch/CUDA pair in the version, for
+release wheels; scripts/build_wheels.sh sets it).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -31,7 +36,7 @@ DEFAULT_ARCH_LIST = "8.0;9.0"
 
 # Console scripts, "name = module:function".
 ENTRY_POINTS: dict[str, list[str]] = {
-    "console_scripts": ["arpg = arpg.cli:main", "arpg-bench = benchmarks.run:main"],
+    "console_scripts": ["arpg = arpg.cli:main", "arpg-bench = arpg.bench.run:main"],
 }
 
 
@@ -193,6 +198,24 @@ def cpu_extension():
     )
 
 
+def record_build(package_dir: Path, ext: str) -> None:
+    """Note in `_build.json` beside the extension what it was built against (read by arpg_kernels/_build.py,
+    which refuses to load an extension under another torch)."""
+    import torch
+
+    record_path = package_dir / "_build.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    entry = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    if ext == "_C":
+        entry.update(cuda=torch.version.cuda, arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST))
+    record[ext] = entry
+    package_dir.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
 def build_ext_class():
     """torch's BuildExtension, except that a CPU-kernel build failure is one line, not a failed install:
     the reference ops then serve CPU tensors."""
@@ -201,13 +224,66 @@ def build_ext_class():
     class BuildExt(BuildExtension):
         def build_extension(self, ext):
             if ext.name != CPU_EXTENSION:
-                return super().build_extension(ext)
-            try:
-                return super().build_extension(ext)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure
-                _log(f"could not compile the CPU kernels ({type(exc).__name__}: {exc}); CPU tensors use the reference ops")
+                super().build_extension(ext)
+            else:
+                try:
+                    super().build_extension(ext)
+                except Exception as exc:  # noqa: BLE001 - any compiler failure
+                    _log(f"could not compile the CPU kernels ({type(exc).__name__}: {exc}); CPU tensors use the reference ops")
+                    return
+            # A wheel takes the record from the build folder; an editable install copies only the
+            # extensions into the source tree, so the record is written there too.
+            dirs = {Path(self.get_ext_fullpath(ext.name)).parent}
+            if self.inplace or getattr(self, "editable_mode", False):
+                dirs.add(ROOT / Path(*ext.name.split(".")[:-1]))
+            for folder in dirs:
+                record_build(folder, ext.name.rsplit(".", 1)[-1])
 
     return BuildExt.with_options(use_ninja=True)
+
+
+def base_version() -> str:
+    """The one place the version is written is arpg_kernels/_version.py; read, not imported (no torch needed)."""
+    match = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "arpg_kernels" / "_version.py").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError("arpg_kernels/_version.py has no `__version__ = \"...\"` line")
+    return match.group(1)
+
+
+def local_version(with_cuda: bool) -> tuple[str, list[str]]:
+    """ARPG_LOCAL_VERSION=auto (scripts/build_wheels.sh) names the torch/CUDA pair in the version, as
+    flash-attn and xformers do (`0.1.0+cu130torch2.14`, `0.1.0+cputorch2.14`), and pins torch to that
+    minor release, whose C++ ABI the extensions link against. Any other non-empty value is used as is.
+    Returns (version, install_requires)."""
+    version, requires = base_version(), list(INSTALL_REQUIRES)
+    tag = os.environ.get("ARPG_LOCAL_VERSION", "").strip()
+    if not tag:
+        return version, requires
+    if tag == "auto":
+        import torch
+
+        major, minor = torch.__version__.split("+")[0].split(".")[:2]
+        cuda = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+        tag = f"{cuda}torch{major}.{minor}"
+        requires = [f"torch>={major}.{minor},<{major}.{int(minor) + 1}" if r.startswith("torch") else r for r in requires]
+    if not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", tag):
+        raise RuntimeError(f"ARPG_LOCAL_VERSION={tag!r} is not a valid local version (letters, digits and dots)")
+    return f"{version}+{tag}", requires
+
+
+CLASSIFIERS = [
+    "Development Status :: 3 - Alpha",
+    "Intended Audience :: Science/Research",
+    "Operating System :: POSIX :: Linux",
+    "Programming Language :: C++",
+    "Programming Language :: Python :: 3",
+    "Programming Language :: Python :: 3 :: Only",
+    "Programming Language :: Python :: 3.10",
+    "Programming Language :: Python :: 3.11",
+    "Programming Language :: Python :: 3.12",
+    "Environment :: GPU :: NVIDIA CUDA",
+    "Topic :: Scientific/Engineering :: Artificial Intelligence",
+]
 
 
 def main() -> None:
@@ -229,17 +305,22 @@ def main() -> None:
     if ext_modules:
         cmdclass["build_ext"] = build_ext_class()
         options["bdist_wheel"] = {"py_limited_api": "cp310"}
+    version, install_requires = local_version(with_cuda=reason is None)
 
     setup(
         name="arpg-kernels",
-        version="0.1.0",
-        description="Paged attention kernels (Triton, CUDA) and a decoding engine for ARPG random-order image generation",
+        version=version,
+        description="Paged attention kernels (Triton, CUDA, CPU) and a decoding engine for ARPG random-order image generation",
         long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
         long_description_content_type="text/markdown",
-        packages=find_packages(include=["arpg_kernels", "arpg_kernels.*", "arpg", "arpg.*", "benchmarks"]),
+        license="MIT",
+        license_files=["LICENSE"],
+        classifiers=CLASSIFIERS,
+        keywords=["ARPG", "autoregressive image generation", "paged attention", "KV cache", "Triton", "CUDA"],
+        packages=find_packages(include=["arpg_kernels", "arpg_kernels.*", "arpg", "arpg.*"]),
         package_data={"arpg": ["data/*.safetensors", "data/*.json"]},
         python_requires=">=3.10",
-        install_requires=INSTALL_REQUIRES,
+        install_requires=install_requires,
         extras_require=EXTRAS_REQUIRE,
         entry_points=ENTRY_POINTS,
         ext_modules=ext_modules,

@@ -6,6 +6,8 @@ configs, the paged decoding engine (`generate`, `Engine`), editing on the same e
 `arpg.cli` (multi-process sampling: `arpg.distributed`).
 """
 
+from arpg_kernels import __version__
+
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import CONFIGS, RASTER_CONFIGS, ARPGConfig, find_multiple, get_config
 from .eager import eager_generate
@@ -24,6 +26,7 @@ __all__ = [
     "PagedBatch",
     "RASTER_CONFIGS",
     "RasterLM",
+    "__version__",
     "Step",
     "apply_rope",
     "cfg_scales",

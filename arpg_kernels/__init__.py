@@ -6,6 +6,7 @@ the paged K/V pools. Backends: `reference` (pure PyTorch, the CPU implementation
 """
 
 from . import reference
+from ._version import __version__
 from .cache import CacheFullError, PagedKVCache, StepPlan
 from .checks import set_checks, value_checks
 from .ops import (
@@ -22,6 +23,7 @@ from .ops import (
 
 __all__ = [
     "BACKENDS",
+    "__version__",
     "CacheFullError",
     "PagedKVCache",
     "StepPlan",
@@ -37,4 +39,3 @@ __all__ = [
     "use_backend",
     "value_checks",
 ]
-__version__ = "0.1.0"

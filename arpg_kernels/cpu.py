@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _build
+
 __all__ = [
     "PAGED_ATTENTION_DTYPES", "append_kv", "attention_backward", "attention_forward", "is_available", "load_error",
     "merge_attention_states", "paged_attention", "supports",
@@ -41,11 +43,21 @@ def _registered() -> bool:
 
 
 def _load() -> Optional[str]:
+    """Import the library (checking first that it was built for this torch). Returns why the backend is
+    unusable, or None; a library that is there but unusable is also said once as a warning."""
     if not _registered():
-        try:
-            importlib.import_module("arpg_kernels._cpu")
-        except (ImportError, OSError) as exc:
-            return f"arpg_kernels._cpu could not be loaded ({exc}); build it with `pip install --no-build-isolation -e .`"
+        why = _build.mismatch("_cpu")
+        if why is None:
+            try:
+                importlib.import_module("arpg_kernels._cpu")
+            except ModuleNotFoundError:
+                return "arpg_kernels._cpu is not built; build it with `pip install --no-build-isolation -e .`"
+            except (ImportError, OSError) as exc:
+                why = f"arpg_kernels._cpu could not be loaded ({exc})"
+        if why is not None:
+            why = f"{why}; CPU tensors use the reference ops (reinstall arpg-kernels against this torch to rebuild it)"
+            _build.warn_once(f"arpg: {why}")
+            return why
     if not _registered():
         return "arpg_kernels._cpu is loaded but does not register the arpg_cpu ops (a stale build?)"
     return None

@@ -10,7 +10,7 @@ import torch
 
 import arpg_kernels as ak
 
-from .kernels import paged_inputs
+from arpg.bench.kernels import paged_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -33,4 +33,4 @@ else
 fi
 
 step benchmarks
-python3 -m benchmarks.run --out "$OUT/bench" ${ARPG_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -n 60
+python3 -m arpg.bench.run --out "$OUT/bench" ${ARPG_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -n 60

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from arpg.config import ARPGConfig
-from benchmarks import generation, kernels, plot, run
-from benchmarks.common import FIELDS, Budget, Record, fmt, read_rows, time_fn, timing
+from arpg.bench import generation, kernels, plot, run
+from arpg.bench.common import FIELDS, Budget, Record, fmt, read_rows, time_fn, timing
 
 
 def test_time_fn_rotates_inputs_and_reports_quantiles():

@@ -1,4 +1,4 @@
-"""Turn a results CSV into PNG plots and a markdown summary: `python -m benchmarks.plot results.csv`."""
+"""Turn a results CSV into PNG plots and a markdown summary: `python -m arpg.bench.plot results.csv`."""
 
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ STEP_PARTS = ("attention", "projections", "other_model_ops", "model_python", "sa
 
 
 def _step_profile_lines(rows: list[dict]) -> list[str]:
-    """The engine step's host time by part (benchmarks/generation.py: step_breakdown), ms per step."""
+    """The engine step's host time by part (arpg/bench/generation.py: step_breakdown), ms per step."""
     if not rows:
         return []
     by_cfg = defaultdict(dict)

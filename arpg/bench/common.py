@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from arpg_kernels import __version__
+
 FIELDS = [
     "timestamp", "bench", "name", "provider", "config", "metric", "unit", "median", "q20", "q80", "n", "spread",
     "device", "torch", "triton", "cuda", "git_commit",
@@ -181,10 +183,13 @@ def device_name(device: torch.device | str) -> str:
 
 
 def _git_commit() -> str:
+    """The source checkout's commit; for an installed package (no checkout of ours around it, though
+    site-packages may sit inside someone else's repository) the package version."""
+    root = Path(__file__).resolve().parents[2]
+    if not ((root / ".git").exists() and (root / "arpg_kernels" / "_version.py").is_file()):
+        return f"v{__version__}"
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
