@@ -8,18 +8,20 @@ configs, the paged decoding engine (`generate`, `Engine`), editing on the same e
 
 from arpg_kernels import __version__
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, from_original, load_checkpoint, save_checkpoint
 from .config import CONFIGS, RASTER_CONFIGS, ARPGConfig, find_multiple, get_config
 from .eager import eager_generate
 from .edit import expand, inpaint, outpaint
-from .engine import Engine, Step, draw_order, generate, make_plan
+from .engine import Engine, Step, draw_order, generate, make_plan, sample_seeds
 from .model import ARPG, PagedBatch, apply_rope, precompute_rope_2d
+from .pipeline import ARPGPipeline
 from .raster import RasterLM
 from .sampling import cfg_scales, filter_logits, guide, sample, token_schedule
 
 __all__ = [
     "ARPG",
     "ARPGConfig",
+    "ARPGPipeline",
     "CONFIGS",
     "CheckpointError",
     "Engine",
@@ -34,6 +36,7 @@ __all__ = [
     "draw_order",
     "eager_generate",
     "expand",
+    "from_original",
     "filter_logits",
     "find_multiple",
     "generate",
@@ -44,6 +47,7 @@ __all__ = [
     "outpaint",
     "precompute_rope_2d",
     "sample",
+    "sample_seeds",
     "save_checkpoint",
     "token_schedule",
 ]

@@ -19,7 +19,8 @@ from .config import RASTER_CONFIGS, ARPGConfig, get_config
 from .model import ARPG
 from .raster import RasterLM
 
-__all__ = ["load_checkpoint", "save_checkpoint", "load_state_dict_file", "CheckpointError", "AUTO_KEYS"]
+__all__ = ["load_checkpoint", "save_checkpoint", "load_state_dict_file", "from_original", "config_of_original",
+           "CheckpointError", "AUTO_KEYS"]
 
 AUTO_KEYS = ("state_dict", "model", "module", "ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -53,6 +54,17 @@ def load_state_dict_file(path: str, key: Optional[str] = "auto") -> tuple[dict, 
     """
     if not os.path.exists(path):
         raise FileNotFoundError(path)
+    try:
+        return _read_state_dict_file(path, key)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # torch.load / safetensors of a damaged file raise almost anything
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {first}); "
+                              "truncated, damaged or not a checkpoint?") from exc
+
+
+def _read_state_dict_file(path: str, key: Optional[str]) -> tuple[dict, dict]:
     meta: dict = {}
     if _is_safetensors(path):
         from safetensors import safe_open
@@ -126,16 +138,30 @@ def load_checkpoint(
     strict: bool = True,
     key: Optional[str] = "auto",
     arch: Optional[str] = None,
+    revision: Optional[str] = None,
 ) -> Union[ARPG, RasterLM]:
-    """Build a model from a checkpoint file, in eval mode.
+    """Build a model from a checkpoint file, or a published model by name, in eval mode.
 
+    path: a file, or a name of `arpg.hub.MODELS` ("ARPG-L", "ARPG-XL", "ARPG-XXL"; an existing file of
+    that name wins), fetched through the Hugging Face cache at `revision` (see `arpg.hub`).
     config_or_name: an `ARPGConfig` or a name from `CONFIGS`/`RASTER_CONFIGS`; None uses the config
-    stored in the file by `save_checkpoint`. arch: "arpg" or "raster" (default: stored, else from the
+    stored in the file by `save_checkpoint` (for a published name, that name's config). arch: "arpg" or "raster" (default: stored, else from the
     config name, else "arpg"). key: see the module docstring ("auto", a key, or None for a top-level
     state dict). Shape mismatches are always refused with the names and shapes; with strict (the
     default) missing and unexpected names are refused too, all listed in the error. dtype: cast the
     floating weights (default: as stored).
     """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        from . import hub
+
+        found = hub.lookup(path, hub.MODELS)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no such file, and not a published model name "
+                                    f"(published: {', '.join(hub.MODELS)})")
+        name, entry = found
+        path = hub.resolve(name, entry, revision)
+        config_or_name = entry.config if config_or_name is None else config_or_name
     sd, meta = load_state_dict_file(path, key)
     if config_or_name is None:
         if "config" not in meta:
@@ -152,18 +178,60 @@ def load_checkpoint(
         raise ValueError(f"arch must be 'arpg' or 'raster', got {arch!r}")
     cls = RasterLM if arch == "raster" else ARPG
 
+    model = _build(cls, config, sd, strict, path)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval()
+
+
+def _build(cls, config: ARPGConfig, sd: dict, strict: bool, source: str):
+    """A model of `config` holding the tensors of `sd` themselves (no copy) after the name/shape check."""
     with torch.device("meta"):
         model = cls(config)
-    missing, _ = _check(model, sd, strict, path)
+    missing, _ = _check(model, sd, strict, source)
     if missing:
         # Not strict: parameters absent from the file keep their fresh initialization.
         model = cls(config)
         model.load_state_dict(sd, strict=False)
     else:
         model.load_state_dict({k: sd[k] for k in model.state_dict()}, strict=True, assign=True)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
-    return model.to(device=device).eval()
+    return model
+
+
+def config_of_original(module: torch.nn.Module) -> ARPGConfig:
+    """The `ARPGConfig` of a model of the original code, read from its `config` (the original's
+    `ModelArgs`: dim, n_layer, n_head, vocab_size, num_classes, block_size, multiple_of, ...)."""
+    args = getattr(module, "config", None)
+    need = ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "block_size")
+    absent = [name for name in need if not hasattr(args, name)]
+    if absent:
+        raise CheckpointError(f"{type(module).__name__} has no original-style `config` with {absent}; "
+                              "pass config= (an ARPGConfig or a config name)")
+    if getattr(args, "ffn_dim_multiplier", None) is not None:
+        raise CheckpointError(f"ffn_dim_multiplier={args.ffn_dim_multiplier}: the published models have None, "
+                              "and this project's SwiGLU size assumes it")
+    grid = int(round(args.block_size ** 0.5))
+    if grid * grid != args.block_size:
+        raise CheckpointError(f"block_size {args.block_size} is not a square grid of tokens")
+    return ARPGConfig(
+        dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, vocab_size=args.vocab_size,
+        num_classes=args.num_classes, grid_size=grid, rope_base=float(getattr(args, "rope_base", 10000.0)),
+        norm_eps=float(getattr(args, "norm_eps", 1e-5)), class_dropout=float(getattr(args, "class_dropout_prob", 0.1)),
+        ffn_multiple_of=int(getattr(args, "multiple_of", 256)),
+    )
+
+
+def from_original(module: torch.nn.Module, config: Union[ARPGConfig, str, None] = None) -> ARPG:
+    """Our `ARPG` on the weights of a model of the original ARPG code (`models/arpg.py`'s Transformer),
+    sharing them: the parameters are the module's tensors, not copies (so dtype and device are the
+    module's, and a change to one shows in the other). A `module.` (DDP) or `_orig_mod.` (torch.compile)
+    prefix is looked through. config: default read from the module (`config_of_original`). The names
+    and shapes are checked strictly; the result is in eval mode and runs `generate`, `inpaint`, ...
+    """
+    config = config_of_original(module) if config is None else get_config(config)
+    # keep_vars: the module's Parameter objects themselves, which load_state_dict(assign=True) adopts.
+    sd = _strip_prefixes(module.state_dict(keep_vars=True))
+    return _build(ARPG, config, sd, True, type(module).__name__).eval()
 
 
 def save_checkpoint(model: Union[ARPG, RasterLM], path: str, key: str = "state_dict") -> None:

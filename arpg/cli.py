@@ -30,6 +30,8 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import CONFIGS, RASTER_CONFIGS, get_config
 from .digits import SHIPPED_CHECKPOINT, is_digits_config, save_grid, to_rgb
+from . import hub
+from .outputs import grid_columns, image_grid
 from .vq import VQ_CONFIGS
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -109,11 +111,24 @@ def _checkpoint_file(expected: str):
     return check
 
 
-_model_file = _checkpoint_file("a torch .pt/.pth or .safetensors file, or `digits`")
+_model_file = _checkpoint_file("a torch .pt/.pth or .safetensors file, `digits`, or a published model: "
+                               + ", ".join(hub.MODELS))
 
 
 def _model_checkpoint(text: str) -> str:
-    return _model_file(SHIPPED_CHECKPOINT if text == "digits" else text)
+    """A file, `digits`, or a published model name (fetched when the model is loaded)."""
+    if text == "digits":
+        return SHIPPED_CHECKPOINT
+    found = None if os.path.exists(text) else hub.lookup(text, hub.MODELS)
+    return found[0] if found else _model_file(text)
+
+
+_vq_file = _checkpoint_file("a torch .pt/.pth file, or a published tokenizer: " + ", ".join(hub.TOKENIZERS))
+
+
+def _vq_checkpoint(text: str) -> str:
+    found = None if os.path.exists(text) else hub.lookup(text, hub.TOKENIZERS)
+    return found[0] if found else _vq_file(text)
 
 
 # Options whose value is a comma-separated list of integers; see _attach_negative_lists.
@@ -173,7 +188,7 @@ def _load_model(args, device, dtype):
             raise CLIError(f"{args.ckpt} was saved with another config than --config {args.config}: "
                            f"{', '.join(diff)} (checkpoint vs --config)")
     try:
-        return load_checkpoint(args.ckpt, args.config, dtype=dtype, device=device)
+        return load_checkpoint(args.ckpt, args.config, dtype=dtype, device=device, revision=args.revision)
     except CheckpointError as e:
         hint = " (pass --config)" if "no config stored" in str(e) else ""
         raise CLIError(f"{e}{hint}") from e
@@ -185,10 +200,13 @@ def _load_vq(args, model, device):
     from .vq import VQCheckpointError, load_vq
 
     try:
-        vq = load_vq(args.vq, VQ_CONFIGS[args.vq_config], device=device)
+        vq = load_vq(args.vq, VQ_CONFIGS[args.vq_config] if args.vq_config else None, device=device,
+                     revision=args.revision)
+    except hub.HubError as e:
+        raise CLIError(str(e)) from e
     except VQCheckpointError as e:
         problems = "; ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
-        raise CLIError(f"{args.vq} does not fit --vq-config {args.vq_config}: {problems}") from e
+        raise CLIError(f"{args.vq} does not fit --vq-config {args.vq_config or 'VQ-16'}: {problems}") from e
     except Exception as e:
         raise CLIError(f"{args.vq}: cannot read the tokenizer checkpoint ({type(e).__name__}: {e})") from e
     if vq.config.codebook_size != model.config.vocab_size:
@@ -235,23 +253,10 @@ def _center_resize(arr: np.ndarray, size: tuple[int, int], resample) -> np.ndarr
     return np.asarray(im.resize((tw, th), resample))
 
 
-def _grid_columns(n: int, nrow: Optional[int]) -> int:
-    return nrow or max(1, math.ceil(math.sqrt(n)))
-
-
-def _save_png(images: np.ndarray, path: str, nrow: Optional[int] = None, pad: int = 2) -> None:
-    """uint8 [N, H, W, 3] -> one grid image."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    nrow = _grid_columns(n, nrow)
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
+def _save_png(images: np.ndarray, path: str, nrow: Optional[int] = None, labels=None) -> None:
+    """uint8 [N, H, W, 3] -> one grid image, with the labels under the images when given."""
     _parent(path)
-    Image.fromarray(grid).save(path)
+    image_grid(images, nrow, labels=labels).save(path)
 
 
 def _parent(path: str) -> None:
@@ -282,6 +287,7 @@ def _cmd_sample(args) -> int:
         raise CLIError("give --num-per-class or --num-images, not both")
     if args.classes is None and args.num_images is None and args.num_per_class is None:
         raise CLIError("say what to sample: give --classes, --num-per-class and/or --num-images")
+    _default_vq(args, required=False)
     rank, world, device = init_distributed(_device(args))
     try:
         model = _load_model(args, device, _dtype(args, device))
@@ -338,16 +344,25 @@ def _write(args, result: np.ndarray, labels: np.ndarray, tokens_only: bool, digi
         print(f"wrote {args.npz} ({len(result)} {'token grids' if tokens_only else 'images'})", file=sys.stderr)
     if args.png:
         if digits:  # 8x8-pixel images: drawn 8x larger, on grey, so the white paper of each digit shows
-            cols = _grid_columns(len(result), args.nrow)
+            cols = grid_columns(len(result), args.nrow)
             save_grid([list(result[i : i + cols]) for i in range(0, len(result), cols)], args.png, scale=8)
         else:
-            _save_png(result, args.png, args.nrow)
+            _save_png(result, args.png, args.nrow, labels=None if args.no_labels else [int(k) for k in labels])
         print(f"wrote {args.png}", file=sys.stderr)
+
+
+def _default_vq(args, required: bool) -> None:
+    """A published model comes with its published tokenizer unless --vq says otherwise."""
+    if args.vq is None and args.ckpt in hub.MODELS and not getattr(args, "tokens_only", False):
+        args.vq = "VQ-16"
+    if required and args.vq is None:
+        raise CLIError(f"{args.command} needs the tokenizer: give --vq (a file, or {', '.join(hub.TOKENIZERS)})")
 
 
 def _load_edit(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CLIError(f"{args.command} runs in one process; launch it without torchrun")
+    _default_vq(args, required=True)
     if not (args.png or args.npz):
         raise CLIError("nothing to write: give --png and/or --npz")
     device = _device(args)
@@ -507,15 +522,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     configs = sorted(CONFIGS) + sorted(RASTER_CONFIGS)
 
-    def common(p, vq_required: bool):
-        p.add_argument("--ckpt", required=True, type=_model_checkpoint,
-                       help="model checkpoint (.pt / .pth / .safetensors), or `digits`: the shipped digits model")
+    def common(p):
+        p.add_argument("--ckpt", "--model", dest="ckpt", required=True, type=_model_checkpoint,
+                       help="model checkpoint (.pt / .pth / .safetensors), `digits` (the shipped digits model), "
+                            f"or a published model fetched through the Hugging Face cache: {', '.join(hub.MODELS)}")
         p.add_argument("--config", choices=configs, default=None, metavar="NAME",
                        help=f"model config: {', '.join(configs)} (default: the config stored in the checkpoint)")
-        p.add_argument("--vq", required=vq_required, default=None, type=_checkpoint_file("a torch .pt/.pth file"),
-                       help="VQ tokenizer checkpoint (vq_ds16_c2i.pt)")
-        p.add_argument("--vq-config", choices=sorted(VQ_CONFIGS), default="VQ-16",
-                       help="tokenizer config (default VQ-16, LlamaGen's vq_ds16_c2i.pt)")
+        p.add_argument("--vq", default=None, type=_vq_checkpoint,
+                       help="VQ tokenizer checkpoint (vq_ds16_c2i.pt), or VQ-16 (fetched; the default with a "
+                            "published model)")
+        p.add_argument("--revision", default=None,
+                       help="Hub revision (branch, tag or commit) of a published model and tokenizer (default main)")
+        p.add_argument("--vq-config", choices=sorted(VQ_CONFIGS), default=None,
+                       help="tokenizer config (default VQ-16, LlamaGen's vq_ds16_c2i.pt; for a published tokenizer "
+                            "name, that tokenizer's)")
         p.add_argument("--steps", type=_positive_int, default=64, help="decoding steps (default 64)")
         p.add_argument("--schedule", choices=["arccos", "cosine"], default="arccos")
         p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off; default 4)")
@@ -539,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="class-conditional samples (torchrun-aware)",
                        description="Class-conditional samples. Say what to sample with at least one of --classes, "
                                    "--num-per-class and --num-images.")
-    common(p, vq_required=False)
+    common(p)
     p.add_argument("--classes", type=_int_list(), default=None,
                    help="comma-separated class labels (default with --num-per-class or --num-images: all classes)")
     p.add_argument("--num-per-class", type=_positive_int, default=None,
@@ -547,10 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive_int, default=None,
                    help="images in all, spread evenly over the classes")
     p.add_argument("--tokens-only", action="store_true", help="write token grids (npz key `tokens`), no images")
+    p.add_argument("--no-labels", action="store_true", help="no class labels under the images of the PNG grid")
     p.set_defaults(func=_cmd_sample)
 
     def edit_common(p):
-        common(p, vq_required=True)
+        common(p)
         p.add_argument("--image", required=True, help="input image (PNG, JPEG, ...)")
         p.add_argument("--class", dest="label", type=int, required=True, help="class label (-1: unconditional)")
         p.add_argument("--num", type=_positive_int, default=4, help="samples to make (default 4)")

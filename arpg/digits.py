@@ -44,6 +44,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ARPGConfig
+from .engine import sample_seeds
 from .model import ARPG
 
 __all__ = [
@@ -500,11 +501,6 @@ def generate_digits(
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds[i : i + chunk])
         )
     return torch.cat(outs).cpu()
-
-
-def sample_seeds(seed: int, n: int) -> list[int]:
-    """The per-sample seeds of the digits helpers: `seed * 1_000_003 + i` for sample i."""
-    return [int(seed) * 1_000_003 + i for i in range(n)]
 
 
 MASKS = ("center4x4", "right_half")

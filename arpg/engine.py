@@ -26,7 +26,7 @@ import arpg_kernels as ak
 from .model import PagedBatch
 from .sampling import cfg_scales, guide, make_generators, sample, token_schedule
 
-__all__ = ["Step", "make_plan", "draw_order", "draw_orders", "Engine", "engine_for", "generate"]
+__all__ = ["Step", "make_plan", "draw_order", "draw_orders", "Engine", "engine_for", "generate", "sample_seeds"]
 
 
 @dataclass(frozen=True)
@@ -469,6 +469,12 @@ class Engine:
 
 
 _ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Engine]" = weakref.WeakKeyDictionary()
+
+
+def sample_seeds(seed: int, n: int) -> list[int]:
+    """Per-sample seeds `seed * 1_000_003 + i` for sample i: passed to `generate` as `seed=`, they make a
+    sample's tokens independent of the batch it is drawn in (the digits helpers and `ARPGPipeline`)."""
+    return [int(seed) * 1_000_003 + i for i in range(n)]
 
 
 def generate(

@@ -543,8 +543,12 @@ def load_vq(
     device: Union[str, torch.device] = "cpu",
     dtype: Optional[torch.dtype] = None,
     strict: bool = True,
+    revision: Optional[str] = None,
 ) -> VQModel:
     """Load a tokenizer from a ``.pt`` file (e.g. LlamaGen's ``vq_ds16_c2i.pt``), in eval mode.
+
+    ``path`` may also be a name of ``arpg.hub.TOKENIZERS`` (``"VQ-16"``; an existing file of that name
+    wins), fetched through the Hugging Face cache at ``revision``; ``config`` then defaults to that name's.
 
     The file is read with ``torch.load(path, map_location="cpu", weights_only=True)``; the weights
     sit under ``model`` (LlamaGen), else ``state_dict`` or ``ema``, else the top level is the state
@@ -553,8 +557,18 @@ def load_vq(
     is an error; shape mismatches are always errors. The error lists every offending name.
     Floating weights are converted to ``dtype`` (default float32).
     """
-    config = VQConfig() if config is None else config
     path = os.fspath(path)
+    if not os.path.exists(path):
+        from . import hub
+
+        found = hub.lookup(path, hub.TOKENIZERS)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no such file, and not a published tokenizer name "
+                                    f"(published: {', '.join(hub.TOKENIZERS)})")
+        name, entry = found
+        path = hub.resolve(name, entry, revision)
+        config = VQ_CONFIGS[entry.config] if config is None else config
+    config = VQConfig() if config is None else config
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -562,8 +576,9 @@ def load_vq(
             f"{path}: cannot be read with weights_only=True (it holds non-tensor Python objects; "
             f"re-save just the state dict): {e}"
         ) from e
-    except (OSError, RuntimeError) as e:
-        raise VQCheckpointError(f"{path}: cannot be read: {e}") from e
+    except Exception as e:  # a damaged file raises almost anything
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise VQCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {first}); truncated or damaged?") from e
     sd = _extract_state_dict(obj, path)
 
     with torch.device("meta"):

@@ -76,7 +76,13 @@ def test_sample_writes_images_and_tokens(files, tmp_path):
     with torch.no_grad():
         want = to_uint8(vq_model.decode_codes(torch.from_numpy(tok["tokens"]))).numpy()
     assert np.array_equal(img["arr_0"], want)
-    with Image.open(tmp_path / "grid.png") as im:  # 6 images of 64 px in a 3 x 2 grid with 2 px gaps
+    with Image.open(tmp_path / "grid.png") as im:  # 6 images of 64 px in a 3 x 2 grid, 2 px gaps, labels under
+        assert im.size == (3 * 66 + 2, 2 * (66 + 14) + 2)
+        band = np.asarray(im.convert("RGB"))[2 + 64 : 2 + 64 + 14, 2 : 2 + 64]
+        assert (band < 128).any() and (band == 255).any()  # the label's ink on white
+        assert np.array_equal(np.asarray(im.convert("RGB"))[2 : 2 + 64, 2 : 2 + 64], img["arr_0"][0])
+    assert run([*common, *vq, "--png", tmp_path / "bare.png", "--no-labels"]) == 0
+    with Image.open(tmp_path / "bare.png") as im:
         assert im.size == (3 * 66 + 2, 2 * 66 + 2)
     # --num-images spreads over the classes in class order; the seed decides.
     assert run(["sample", "--ckpt", d / "tiny.pt", "--num-images", 5, "--cfg", 1, "--npz", tmp_path / "a.npz",
@@ -104,7 +110,7 @@ def test_sample_errors(files, tmp_path, capsys):
     fails(capsys, ["sample", "--ckpt", tmp_path / "junk.pt", "--num-images", 2, *out], "is not a checkpoint")
     # Starts like a torch zip file but is cut short: torch.load's error, on one line.
     (tmp_path / "cut.pt").write_bytes((d / "tiny.pt").read_bytes()[:200])
-    fails(capsys, ["sample", "--ckpt", tmp_path / "cut.pt", "--num-images", 2, *out], "cannot read the checkpoint")
+    fails(capsys, ["sample", "--ckpt", tmp_path / "cut.pt", "--num-images", 2, *out], "cut.pt: cannot be read (RuntimeError: PytorchStreamReader")
     fails(capsys, ["sample", "--ckpt", d / "tiny.pt", "--num-images", 2, "--png", tmp_path / "x.png"], "needs images")
     fails(capsys, ["sample", "--ckpt", d / "tiny.pt", "--num-images", 2, "--vq", d / "vq.pt", *out],
           "does not fit --vq-config VQ-16")
@@ -204,10 +210,10 @@ def test_argument_errors_name_the_argument(files, tmp_path, capsys, monkeypatch,
         match = "--classes: [-1] not in [0, 10)"
     elif case == "json-ckpt":  # torch.load's unpickling text is not shown
         argv = ["sample", "--ckpt", d / "config.json", "--num-images", 2, *out]
-        match = f"argument --ckpt: {d / 'config.json'} is not a checkpoint (expected a torch .pt/.pth or .safetensors"
+        match = f"argument --ckpt/--model: {d / 'config.json'} is not a checkpoint (expected a torch .pt/.pth or .safetensors"
     elif case == "missing-ckpt":
         argv = ["sample", "--ckpt", d / "nope.pt", "--num-images", 2, *out]
-        match = f"argument --ckpt: {d / 'nope.pt'}: no such file"
+        match = f"argument --ckpt/--model: {d / 'nope.pt'}: no such file"
     else:  # the subparser reports it, with its prog
         argv, match = [*sample, "--steps", 0], "argument --steps: must be a positive integer"
     fails(capsys, argv, match)
