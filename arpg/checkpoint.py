@@ -152,16 +152,11 @@ def load_checkpoint(
     floating weights (default: as stored).
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        from . import hub
+    from . import hub
 
-        found = hub.lookup(path, hub.MODELS)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no such file, and not a published model name "
-                                    f"(published: {', '.join(hub.MODELS)})")
-        name, entry = found
-        path = hub.resolve(name, entry, revision)
-        config_or_name = entry.config if config_or_name is None else config_or_name
+    path, entry = hub.resolve_name(path, hub.MODELS, "model", revision)
+    if entry is not None and config_or_name is None:
+        config_or_name = entry.config
     sd, meta = load_state_dict_file(path, key)
     if config_or_name is None:
         if "config" not in meta:

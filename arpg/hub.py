@@ -18,7 +18,7 @@ from typing import Optional
 
 from .checkpoint import CheckpointError
 
-__all__ = ["MODELS", "RECOMMENDED", "TOKENIZERS", "HubError", "Published", "lookup", "resolve"]
+__all__ = ["MODELS", "RECOMMENDED", "TOKENIZERS", "HubError", "Published", "lookup", "resolve", "resolve_name"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,16 @@ def resolve(name: str, entry: Published, revision: Optional[str] = None) -> str:
         raise HubError(f"{name}: could not fetch {where}: {first}") from None
     verify(path, entry, name)
     return path
+
+
+def resolve_name(path: str, table: dict[str, Published], kind: str,
+                 revision: Optional[str] = None) -> tuple[str, Optional[Published]]:
+    """(local path, entry) for an existing file (entry None) or a published name of `table`; kind
+    ("model", "tokenizer") names the table in the error for neither."""
+    if os.path.exists(path):
+        return path, None
+    found = lookup(path, table)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no such file, and not a published {kind} name (published: {', '.join(table)})")
+    name, entry = found
+    return resolve(name, entry, revision), entry

@@ -558,16 +558,11 @@ def load_vq(
     Floating weights are converted to ``dtype`` (default float32).
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        from . import hub
+    from . import hub
 
-        found = hub.lookup(path, hub.TOKENIZERS)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no such file, and not a published tokenizer name "
-                                    f"(published: {', '.join(hub.TOKENIZERS)})")
-        name, entry = found
-        path = hub.resolve(name, entry, revision)
-        config = VQ_CONFIGS[entry.config] if config is None else config
+    path, entry = hub.resolve_name(path, hub.TOKENIZERS, "tokenizer", revision)
+    if entry is not None and config is None:
+        config = VQ_CONFIGS[entry.config]
     config = VQConfig() if config is None else config
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

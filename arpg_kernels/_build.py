@@ -8,6 +8,7 @@ backends read it before importing an extension and, on a mismatch, say so in one
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -55,3 +56,20 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def load_extension(ext: str, fallback: str) -> Optional[str]:
+    """Import `arpg_kernels.<ext>` if it was built for this torch. Returns None, or why it is unusable;
+    a library that is there but unusable is also said once as a warning, ending with `fallback`."""
+    why = mismatch(ext)
+    if why is None:
+        try:
+            importlib.import_module(f"arpg_kernels.{ext}")
+            return None
+        except ModuleNotFoundError:
+            return f"arpg_kernels.{ext} is not built; build it with `pip install --no-build-isolation -e .`"
+        except (ImportError, OSError) as exc:
+            why = f"arpg_kernels.{ext} could not be loaded ({exc})"
+    why = f"{why}; {fallback} (reinstall arpg-kernels against this torch to rebuild it)"
+    warn_once(f"arpg: {why}")
+    return why

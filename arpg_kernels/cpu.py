@@ -15,7 +15,6 @@ The functions below have the signatures of `arpg_kernels.reference`.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -46,17 +45,8 @@ def _load() -> Optional[str]:
     """Import the library (checking first that it was built for this torch). Returns why the backend is
     unusable, or None; a library that is there but unusable is also said once as a warning."""
     if not _registered():
-        why = _build.mismatch("_cpu")
-        if why is None:
-            try:
-                importlib.import_module("arpg_kernels._cpu")
-            except ModuleNotFoundError:
-                return "arpg_kernels._cpu is not built; build it with `pip install --no-build-isolation -e .`"
-            except (ImportError, OSError) as exc:
-                why = f"arpg_kernels._cpu could not be loaded ({exc})"
+        why = _build.load_extension("_cpu", "CPU tensors use the reference ops")
         if why is not None:
-            why = f"{why}; CPU tensors use the reference ops (reinstall arpg-kernels against this torch to rebuild it)"
-            _build.warn_once(f"arpg: {why}")
             return why
     if not _registered():
         return "arpg_kernels._cpu is loaded but does not register the arpg_cpu ops (a stale build?)"

@@ -13,7 +13,6 @@ the Triton backend covers it.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from typing import Optional
 
@@ -57,17 +56,8 @@ def _load() -> Optional[str]:
     (the CMake build; loading a second library that defines arpg_cuda would abort the process).
     Returns why the backend is unusable, or None."""
     if not all(_op_registered(op) for op in _OPS):
-        why = _build.mismatch("_C")
-        if why is None:
-            try:
-                importlib.import_module("arpg_kernels._C")
-            except ModuleNotFoundError:
-                return "arpg_kernels._C is not built; build it with `pip install --no-build-isolation -e .`"
-            except (ImportError, OSError) as exc:
-                why = f"arpg_kernels._C could not be loaded ({exc})"
+        why = _build.load_extension("_C", "CUDA tensors use the Triton kernels")
         if why is not None:
-            why = f"{why}; CUDA tensors use the Triton kernels (reinstall arpg-kernels against this torch to rebuild it)"
-            _build.warn_once(f"arpg: {why}")
             return why
     if not all(_op_registered(op) for op in _OPS):
         return "arpg_kernels._C is loaded but does not register the arpg_cuda ops (a stale build?)"
