@@ -52,7 +52,7 @@ def mismatch(ext: str) -> Optional[str]:
 
 
 def warn_once(message: str) -> None:
-    """One line per distinct message and process."""
+    """One warning per distinct message and process (the backends' load and fallback messages)."""
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)

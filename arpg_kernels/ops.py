@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from ._build import warn_once
 from . import reference
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
@@ -27,7 +27,6 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 _backend = os.environ.get("ARPG_BACKEND", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"ARPG_BACKEND={_backend!r} is not one of {BACKENDS}")
-_warned: set[str] = set()
 
 
 def set_backend(name: str) -> None:
@@ -80,12 +79,6 @@ def _cpu() -> ModuleType:
     return cpu_backend
 
 
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
     """The backend module that runs `op` on these inputs under the current setting."""
     device = tensors[0].device
@@ -105,7 +98,7 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
         if cpu_backend.supports(op, *tensors):
             return cpu_backend
         if name == "cpu" and hasattr(cpu_backend, op):
-            _warn_once(f"arpg: the cpu backend cannot run {op} ({cpu_backend.load_error() or 'these inputs'}); "
+            warn_once(f"arpg: the cpu backend cannot run {op} ({cpu_backend.load_error() or 'these inputs'}); "
                        "using the reference")
         return reference
     cuda_backend = _cuda()
@@ -113,11 +106,11 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
         return cuda_backend
     if name == "cuda":
         why = "arpg_kernels._C is not built" if not cuda_backend.is_available() else "these inputs"
-        _warn_once(f"arpg: the cuda backend has no {op} kernel for {why}; using triton instead")
+        warn_once(f"arpg: the cuda backend has no {op} kernel for {why}; using triton instead")
     triton_backend = _triton()
     if triton_backend.supports(op, *tensors):
         return triton_backend
-    _warn_once(f"arpg: no fast {op} kernel for head_dim {tensors[0].shape[-1]} / these shapes; using the reference")
+    warn_once(f"arpg: no fast {op} kernel for head_dim {tensors[0].shape[-1]} / these shapes; using the reference")
     return reference
 
 
