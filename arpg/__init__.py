@@ -2,7 +2,8 @@
 
 `ARPG` (weight-compatible with the published checkpoints) and the raster baseline `RasterLM`, their
 configs, the paged decoding engine (`generate`, `Engine`), editing on the same engine (`inpaint`,
-`outpaint`, `expand`), the eager oracle (`eager_generate`) and checkpoint I/O. The command line is
+`outpaint`, `expand`), many callers at once (`GenerationQueue`, continuous batching; `set_cache_budget`),
+the eager oracle (`eager_generate`) and checkpoint I/O. The command line is
 `arpg.cli` (multi-process sampling: `arpg.distributed`).
 """
 
@@ -12,10 +13,11 @@ from .checkpoint import CheckpointError, from_original, load_checkpoint, save_ch
 from .config import CONFIGS, RASTER_CONFIGS, ARPGConfig, find_multiple, get_config
 from .eager import eager_generate
 from .edit import expand, inpaint, outpaint
-from .engine import Engine, Step, draw_order, generate, make_plan, sample_seeds
+from .engine import CacheBudgetError, Engine, Step, draw_order, generate, make_plan, sample_seeds, set_cache_budget
 from .model import ARPG, PagedBatch, apply_rope, precompute_rope_2d
 from .pipeline import ARPGPipeline
 from .raster import RasterLM
+from .serving import GenerationQueue, QueueClosedError, QueueFullError, RequestError
 from .sampling import cfg_scales, filter_logits, guide, sample, token_schedule
 
 __all__ = [
@@ -23,11 +25,16 @@ __all__ = [
     "ARPGConfig",
     "ARPGPipeline",
     "CONFIGS",
+    "CacheBudgetError",
     "CheckpointError",
     "Engine",
+    "GenerationQueue",
     "PagedBatch",
+    "QueueClosedError",
+    "QueueFullError",
     "RASTER_CONFIGS",
     "RasterLM",
+    "RequestError",
     "__version__",
     "Step",
     "apply_rope",
@@ -49,5 +56,6 @@ __all__ = [
     "sample",
     "sample_seeds",
     "save_checkpoint",
+    "set_cache_budget",
     "token_schedule",
 ]

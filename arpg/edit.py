@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .engine import draw_orders, engine_for, make_plan
+from .engine import check_labels, draw_orders, make_plan, model_engine
 from .model import ARPG
 from .sampling import make_generators
 
@@ -77,20 +77,6 @@ def _mask(name: str, m, shape: tuple[int, ...]) -> torch.Tensor:
     return m
 
 
-def _labels(model: ARPG, labels, bsz: int) -> torch.Tensor:
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class labels, got dtype {labels.dtype}")
-    labels = labels.long().reshape(-1)
-    if labels.numel() == 1:
-        labels = labels.expand(bsz)
-    if labels.numel() != bsz:
-        raise ValueError(f"labels has {labels.numel()} entries for a batch of {bsz}")
-    if labels.numel() and int(labels.max()) >= model.config.num_classes:
-        raise ValueError(f"labels must be < num_classes = {model.config.num_classes} (negative: no class)")
-    return labels
-
-
 def _edit(
     model: ARPG,
     tokens: torch.Tensor,
@@ -118,7 +104,7 @@ def _edit(
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     bsz, seq_len = tokens.shape
-    labels = _labels(model, labels, bsz)
+    labels = check_labels(model, labels, bsz)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     known = known.to(tokens.device)
@@ -146,9 +132,9 @@ def _edit(
         steps = min(num_steps, len(todo)) if isinstance(schedule, str) else num_steps
         plans.append(make_plan(seq_len, steps, todo, schedule, cfg_scale, cfg_schedule,
                                known=[i for i in perm if row[i]]))
-    engine = engine_for(model, bsz * (2 if use_cfg else 1), page_size, use_cuda_graphs, seq_len)
-    return engine.run(plans, labels, tokens.to(device), grid, use_cfg, temperature, top_k, top_p, gens,
-                      return_logits, teacher_tokens)
+    with model_engine(model, bsz * (2 if use_cfg else 1), page_size, use_cuda_graphs, seq_len) as engine:
+        return engine.run(plans, labels, tokens.to(device), grid, use_cfg, temperature, top_k, top_p, gens,
+                          return_logits, teacher_tokens)
 
 
 def inpaint(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -26,7 +27,26 @@ import arpg_kernels as ak
 from .model import PagedBatch
 from .sampling import cfg_scales, guide, make_generators, sample, token_schedule
 
-__all__ = ["Step", "make_plan", "draw_order", "draw_orders", "Engine", "engine_for", "generate", "sample_seeds"]
+__all__ = [
+    "CacheBudgetError",
+    "Engine",
+    "Step",
+    "check_labels",
+    "draw_order",
+    "draw_orders",
+    "engine_for",
+    "generate",
+    "generation_plans",
+    "make_plan",
+    "model_engine",
+    "sample_seeds",
+    "set_cache_budget",
+]
+
+
+class CacheBudgetError(ValueError):
+    """A request cannot run within a cache budget (`max_cache_bytes`) even one sample at a time."""
+
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,48 @@ def draw_orders(seq_len: int, bsz: int, device, generator=None, order=None) -> l
     return [draw_order(seq_len, device, generator)] * bsz
 
 
+def check_labels(model, labels, bsz: Optional[int] = None) -> torch.Tensor:
+    """Class labels as int64 [B] on the host side of the check: integers < num_classes (negative: no
+    class). A single label is broadcast to `bsz` when given; otherwise the batch is len(labels)."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class labels, got dtype {labels.dtype}")
+    labels = labels.long().reshape(-1)
+    if bsz is not None:
+        if labels.numel() == 1:
+            labels = labels.expand(bsz)
+        if labels.numel() != bsz:
+            raise ValueError(f"labels has {labels.numel()} entries for a batch of {bsz}")
+    n = model.config.num_classes
+    if labels.numel() and int(labels.max()) >= n:
+        raise ValueError(f"labels must be < num_classes = {n} (negative: no class), got {int(labels.max())}")
+    return labels
+
+
+def generation_plans(
+    model, bsz: int, num_steps, schedule, cfg_scale: float, cfg_schedule: str, generator, order
+) -> list[list[Step]]:
+    """The plans of `generate` for B samples (ARPG: random or given orders; raster: one token per step).
+
+    generator: the result of `make_generators` (None, one generator, or B of them); the orders are drawn
+    from it here, before any token, as `generate` does.
+    """
+    seq_len = model.config.seq_len
+    device = next(model.parameters()).device
+    if getattr(model, "decode_order", "random") == "raster":
+        if num_steps not in (None, seq_len):
+            raise ValueError(f"the raster model decodes one token per step: num_steps must be {seq_len}")
+        return [make_plan(seq_len, seq_len, range(seq_len), [1] * seq_len, cfg_scale, cfg_schedule)] * bsz
+    if num_steps is None:
+        raise ValueError("num_steps is required for ARPG")
+    if isinstance(schedule, str) and (not isinstance(num_steps, int) or isinstance(num_steps, bool)
+                                      or not 1 <= num_steps <= seq_len):
+        raise ValueError(f"num_steps must be an int in [1, {seq_len}], got {num_steps!r}")
+    orders = draw_orders(seq_len, bsz, device, generator, order)
+    by_order = {id(o): make_plan(seq_len, num_steps, o, schedule, cfg_scale, cfg_schedule) for o in orders}
+    return [by_order[id(o)] for o in orders]  # samples sharing an order share its plan
+
+
 @dataclass
 class _StepInputs:
     in_index: torch.Tensor  # int64 [T_in], where the fed tokens sit in the token buffer
@@ -139,34 +201,38 @@ class _StepInputs:
 
 
 class _GraphStep:
-    """A CUDA graph of `model.decode_step` for one uniform step shape, with static input buffers."""
+    """A CUDA graph of `model.decode_step` for one step shape, with static input buffers.
 
-    def __init__(self, rows: int, n_in: int, n_q: int, max_pages: int, device):
+    The shape is (rows, packed tokens fed, packed queries, longest row of each): `Engine` captures its
+    uniform steps, `GenerationQueue` its varlen steps padded to buckets; cu_in / cu_q are loaded with
+    the rest, so one graph serves every step of its shape.
+    """
+
+    def __init__(self, rows: int, t_in: int, t_q: int, max_in: int, max_q: int, max_pages: int, device):
         def z(*shape, dtype=torch.int64):
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.tokens = z(rows * n_in)
-        self.pos_in = z(rows * n_in)
-        self.pos_q = z(rows * n_q)
+        self.tokens = z(t_in)
+        self.pos_in = z(t_in)
+        self.pos_q = z(t_q)
         self.batch = PagedBatch(
-            slot_mapping=z(rows * n_in),
+            slot_mapping=z(t_in),
             block_table=z(rows, max_pages, dtype=torch.int32),
             kv_lens=z(rows, dtype=torch.int32),
-            cu_in=torch.arange(0, rows * n_in + 1, n_in, dtype=torch.int32, device=device),
-            cu_q=torch.arange(0, rows * n_q + 1, n_q, dtype=torch.int32, device=device),
-            max_in=n_in,
-            max_q=n_q,
+            cu_in=z(rows + 1, dtype=torch.int32),
+            cu_q=z(rows + 1, dtype=torch.int32),
+            max_in=max_in,
+            max_q=max_q,
         )
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.out: Optional[torch.Tensor] = None
 
-    def load(self, tokens: torch.Tensor, inp: _StepInputs) -> None:
+    def load(self, tokens: torch.Tensor, pos_in: torch.Tensor, pos_q: torch.Tensor, batch: PagedBatch) -> None:
         self.tokens.copy_(tokens)
-        self.pos_in.copy_(inp.pos_in)
-        self.pos_q.copy_(inp.pos_q)
-        self.batch.slot_mapping.copy_(inp.batch.slot_mapping)
-        self.batch.block_table.copy_(inp.batch.block_table)
-        self.batch.kv_lens.copy_(inp.batch.kv_lens)
+        self.pos_in.copy_(pos_in)
+        self.pos_q.copy_(pos_q)
+        for name in ("slot_mapping", "block_table", "kv_lens", "cu_in", "cu_q"):
+            getattr(self.batch, name).copy_(getattr(batch, name))
 
     def capture(self, model, cache, pool, kwargs) -> None:
         # The warm-up writes this step's real K/V (the replay writes the same values again).
@@ -176,25 +242,45 @@ class _GraphStep:
             model.decode_step(self.tokens, self.pos_in, self.pos_q, cache, self.batch, **kwargs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: other threads (other engines, the caller's own work) may use CUDA meanwhile.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = model.decode_step(self.tokens, self.pos_in, self.pos_q, cache, self.batch, **kwargs)
 
-    def __call__(self, tokens: torch.Tensor, inp: _StepInputs) -> torch.Tensor:
-        self.load(tokens, inp)
+    def __call__(self, tokens: torch.Tensor, pos_in: torch.Tensor, pos_q: torch.Tensor, batch: PagedBatch):
+        self.load(tokens, pos_in, pos_q, batch)
         self.graph.replay()
         return self.out
 
 
-def _sample(logits, inp: _StepInputs, temperature, top_k, top_p, generator) -> torch.Tensor:
-    """Sample every query; with a list of generators each sample draws from its own."""
+def _graph_step(graphs: dict, key, model, cache, pool, max_pages, device, tokens, pos_in, pos_q, batch, kwargs):
+    """Replay the graph of `key` (captured from these inputs the first time) and return its logits."""
+    runner = graphs.get(key)
+    if runner is None:
+        runner = _GraphStep(batch.kv_lens.shape[0], tokens.shape[0], pos_q.shape[0], batch.max_in, batch.max_q,
+                            max_pages, device)
+        runner.load(tokens, pos_in, pos_q, batch)
+        runner.capture(model, cache, pool, kwargs)
+        graphs[key] = runner
+    return runner(tokens, pos_in, pos_q, batch)
+
+
+def _sample(logits, q_counts, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """Sample every query; with a list of generators each sample (q_counts[i] queries) draws from its own."""
     if not isinstance(generator, (list, tuple)):
         return sample(logits, temperature, top_k, top_p, generator)
     parts, start = [], 0
-    for g, n in zip(generator, inp.q_counts):
+    for g, n in zip(generator, q_counts):
         if n:
             parts.append(sample(logits[start : start + n], temperature, top_k, top_p, g))
         start += n
     return torch.cat(parts)
+
+
+def _row_bytes(model, page_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Cache bytes one sequence (row) of `Engine` takes: its pages in every cache layer, K and V."""
+    cfg = model.config
+    pages = math.ceil((max_seq_len + 1) / page_size)
+    return 2 * model.num_cache_layers * pages * page_size * cfg.n_head * cfg.head_dim * dtype.itemsize
 
 
 class Engine:
@@ -206,19 +292,28 @@ class Engine:
     `RasterLM` (any module with `config`, `num_cache_layers` and `decode_step`; `decode_order =
     "raster"` selects one token per step).
 
+    max_cache_bytes: a cap on the cache's bytes (K and V pools). The engine then holds as many rows as
+    fit (at most `max_rows` when that is given too), and a batch with more rows runs in chunks of whole
+    samples, one after another: with per-sample generators (a list of seeds) the tokens are those of
+    the unchunked batch; with one generator for the batch, the chunks draw from it in turn. A sample
+    that does not fit alone (2 rows under guidance) raises `CacheBudgetError`. Without a cap a batch
+    over `max_rows` raises ValueError.
+
     Every generation runs per-sample plans (`run`): samples may feed and predict different numbers of
     tokens per step (packed varlen rows, `cu_in` / `cu_q`). Steps where every row has the same shape
     (all of `generate`, and edits whose samples share a mask) replay CUDA graphs; other steps launch
-    directly, as their shapes rarely recur.
+    directly, as their shapes rarely recur. `run` (and so `generate`) holds the engine's lock: threads
+    sharing an engine take turns.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        max_rows: int,
+        max_rows: Optional[int] = None,
         page_size: int = 16,
         use_cuda_graphs: bool = True,
         max_seq_len: Optional[int] = None,
+        max_cache_bytes: Optional[int] = None,
         _weak_model: bool = False,
     ):
         param = next(model.parameters())
@@ -226,11 +321,25 @@ class Engine:
         # `generate` keeps its engines in a weak-keyed table, so those must not keep the model alive.
         self._model = weakref.ref(model) if _weak_model else (lambda: model)
         self.device, self.dtype = param.device, param.dtype
-        self.max_rows = int(max_rows)
         self.page_size = int(page_size)
         self.max_seq_len = cfg.seq_len if max_seq_len is None else int(max_seq_len)
         # A sequence holds at most the class token and L - 1 image tokens.
         self.pages_per_seq = math.ceil((self.max_seq_len + 1) / page_size)
+        self.row_bytes = _row_bytes(model, self.page_size, self.max_seq_len, self.dtype)
+        self.max_cache_bytes = None if max_cache_bytes is None else int(max_cache_bytes)
+        if self.max_cache_bytes is None:
+            if max_rows is None:
+                raise ValueError("Engine needs max_rows, max_cache_bytes or both")
+            self.max_rows = int(max_rows)
+        else:
+            fit = self.max_cache_bytes // self.row_bytes
+            if fit < 1:
+                raise CacheBudgetError(
+                    f"a cache budget of {self.max_cache_bytes:,} bytes holds no sequence: one sequence of "
+                    f"{self.max_seq_len} tokens takes {self.row_bytes:,} bytes ({self.dtype}, page size {page_size})")
+            self.max_rows = fit if max_rows is None else min(int(max_rows), fit)
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
         self.cache = ak.PagedKVCache(
             model.num_cache_layers,
             self.max_rows * self.pages_per_seq,
@@ -243,6 +352,7 @@ class Engine:
         self.use_cuda_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
         self._graphs: dict[tuple, _GraphStep] = {}
         self._pool = None
+        self._lock = threading.RLock()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -252,16 +362,41 @@ class Engine:
     def raster(self) -> bool:
         return getattr(self.model, "decode_order", "random") == "raster"
 
-    def matches(self, model, rows: int, page_size: int, use_cuda_graphs: bool, seq_len: Optional[int] = None) -> bool:
+    def matches(self, model, rows: int, page_size: int, use_cuda_graphs: bool, seq_len: Optional[int] = None,
+                max_cache_bytes: Optional[int] = None) -> bool:
+        """Whether this engine serves `rows` rows of `model` set up so (a budgeted engine: when its
+        budget is the same and it holds the rows, or all the rows the budget allows)."""
         param = next(model.parameters())
+        if max_cache_bytes is not None:
+            max_cache_bytes = int(max_cache_bytes)
+            fits = rows <= self.max_rows or self.max_rows == max_cache_bytes // self.row_bytes
+        else:
+            fits = rows <= self.max_rows
         return (
             model is self.model
-            and rows <= self.max_rows
+            and fits
+            and max_cache_bytes == self.max_cache_bytes
             and (model.config.seq_len if seq_len is None else seq_len) <= self.max_seq_len
             and page_size == self.page_size
             and (bool(use_cuda_graphs) and param.device.type == "cuda") == self.use_cuda_graphs
             and (param.device, param.dtype) == (self.device, self.dtype)
         )
+
+    def chunk_samples(self, use_cfg: bool) -> int:
+        """Samples one pass of this engine holds (with guidance each takes two rows)."""
+        return self.max_rows // (2 if use_cfg else 1)
+
+    def _check_fits(self, bsz: int, use_cfg: bool) -> None:
+        rows = 2 * bsz if use_cfg else bsz
+        if rows <= self.max_rows:
+            return
+        if self.max_cache_bytes is None:
+            raise ValueError(f"{rows} rows do not fit an engine made for {self.max_rows}")
+        if self.chunk_samples(use_cfg) == 0:
+            raise CacheBudgetError(
+                f"one sample needs {2 if use_cfg else 1} cache rows of {self.row_bytes:,} bytes (with guidance: "
+                f"{'yes' if use_cfg else 'no'}) but the cache budget of {self.max_cache_bytes:,} bytes holds "
+                f"{self.max_rows}")
 
     def _prepare(self, plans: list[list[Step]], rows: int, seq_len: int):
         """Reserve the whole generation in the cache and build every step's device tensors.
@@ -334,16 +469,11 @@ class Engine:
             kwargs["causal"] = True
         if not (self.use_cuda_graphs and inp.uniform):
             return self.model.decode_step(tokens, inp.pos_in, inp.pos_q, self.cache, b, **kwargs)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         key = (grid, rows, b.max_in, b.max_q, inp.causal)
-        runner = self._graphs.get(key)
-        if runner is None:
-            runner = _GraphStep(rows, b.max_in, b.max_q, self.pages_per_seq, self.device)
-            runner.load(tokens, inp)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            runner.capture(self.model, self.cache, self._pool, kwargs)
-            self._graphs[key] = runner
-        return runner(tokens, inp)
+        return _graph_step(self._graphs, key, self.model, self.cache, self._pool, self.pages_per_seq, self.device,
+                           tokens, inp.pos_in, inp.pos_q, b, kwargs)
 
     @torch.inference_mode()
     def run(
@@ -375,7 +505,7 @@ class Engine:
         float32 [T_q, V]: the conditional rows' queries sample by sample, then the unconditional rows'.
         """
         model = self.model
-        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+        labels = check_labels(model, labels).to(self.device)
         bsz = labels.shape[0]
         g = model.config.grid_size
         grid = None if grid is None or tuple(grid) == (g, g) else (int(grid[0]), int(grid[1]))
@@ -384,9 +514,33 @@ class Engine:
             raise ValueError(f"{len(plans)} plans for {bsz} labels")
         if seq_len > self.max_seq_len:
             raise ValueError(f"{seq_len} tokens per image do not fit an engine made for {self.max_seq_len}")
+        self._check_fits(bsz, use_cfg)
+        if isinstance(generator, (list, tuple)) and len(generator) != bsz:
+            raise ValueError(f"generator has {len(generator)} entries for a batch of {bsz}")
+        with self._lock:
+            per = self.chunk_samples(use_cfg)
+            if bsz <= per:
+                return self._run_plans(plans, labels, tokens, grid, seq_len, use_cfg, temperature, top_k, top_p,
+                                       generator, return_logits, teacher_tokens)
+            outs, logits = [], []
+            for a in range(0, bsz, per):
+                part = slice(a, a + per)
+                out = self._run_plans(
+                    plans[part], labels[part], None if tokens is None else tokens[part], grid, seq_len, use_cfg,
+                    temperature, top_k, top_p, generator[part] if isinstance(generator, (list, tuple)) else generator,
+                    return_logits, None if teacher_tokens is None else teacher_tokens[part])
+                if return_logits:
+                    out, chunk_logits = out
+                    logits.append(chunk_logits)
+                outs.append(out)
+            out = torch.cat(outs)
+            return (out, _merge_chunk_logits(logits, use_cfg)) if return_logits else out
+
+    def _run_plans(self, plans, labels, tokens, grid, seq_len, use_cfg, temperature, top_k, top_p, generator,
+                   return_logits, teacher_tokens):
+        model = self.model
+        bsz = labels.shape[0]
         rows = 2 * bsz if use_cfg else bsz
-        if rows > self.max_rows:
-            raise ValueError(f"{rows} rows do not fit an engine made for {self.max_rows}")
         if tokens is None:
             tokens = torch.zeros(bsz, seq_len, dtype=torch.long, device=self.device)
         cls = model.class_ids(labels)
@@ -415,7 +569,7 @@ class Engine:
                         if teacher_tokens is not None:
                             sampled = teacher_tokens.index_select(0, inp.out_index)
                         else:
-                            sampled = _sample(logits, inp, temperature, top_k, top_p, generator)
+                            sampled = _sample(logits, inp.q_counts, temperature, top_k, top_p, generator)
                     buf.index_copy_(0, inp.out_index, sampled)
         finally:
             self.cache.free(seq_ids)
@@ -440,35 +594,68 @@ class Engine:
     ):
         """See `generate`."""
         seq_len = self.model.config.seq_len
-        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+        labels = check_labels(self.model, labels).to(self.device)
         bsz = labels.shape[0]
         use_cfg = cfg_scale != 1.0
-        rows = 2 * bsz if use_cfg else bsz
-        if rows > self.max_rows:
-            raise ValueError(f"{rows} rows do not fit an engine made for {self.max_rows}")
+        self._check_fits(bsz, use_cfg)
         gen = make_generators(self.device, bsz, seed, generator)
-        if self.raster:
-            if num_steps not in (None, seq_len):
-                raise ValueError(f"the raster model decodes one token per step: num_steps must be {seq_len}")
-            plans = [make_plan(seq_len, seq_len, range(seq_len), [1] * seq_len, cfg_scale, cfg_schedule)] * bsz
-        else:
-            if num_steps is None:
-                raise ValueError("num_steps is required for ARPG")
-            orders = draw_orders(seq_len, bsz, self.device, gen, order)
-            by_order = {id(o): make_plan(seq_len, num_steps, o, schedule, cfg_scale, cfg_schedule) for o in orders}
-            plans = [by_order[id(o)] for o in orders]  # samples sharing an order share its plan
         if teacher_tokens is not None:
             teacher_tokens = teacher_tokens.to(self.device).long().reshape(bsz, seq_len)
-        out = self.run(plans, labels, None, None, use_cfg, temperature, top_k, top_p, gen, return_logits,
-                       teacher_tokens)
+        with self._lock:  # the orders are drawn from `gen` in the same turn as the tokens
+            plans = generation_plans(self.model, bsz, num_steps, schedule, cfg_scale, cfg_schedule, gen, order)
+            out = self.run(plans, labels, None, None, use_cfg, temperature, top_k, top_p, gen, return_logits,
+                           teacher_tokens)
         if not return_logits:
             return out
         # The counts per step depend only on L, num_steps and the schedule: every row has n_s queries.
         out, logits = out
+        rows = 2 * bsz if use_cfg else bsz
         return out, [x.view(rows, st.n_q, -1) for x, st in zip(logits, plans[0])]
 
 
+def _merge_chunk_logits(chunks: list[list[torch.Tensor]], use_cfg: bool) -> list[torch.Tensor]:
+    """The packed per-step logits of a batch run in chunks, as the unchunked run packs them: every
+    chunk's conditional queries, then (under guidance) every chunk's unconditional ones."""
+    out = []
+    for s in range(max(len(c) for c in chunks)):
+        parts = [c[s] for c in chunks if s < len(c)]
+        if use_cfg:
+            halves = [p.chunk(2) for p in parts]
+            parts = [h[0] for h in halves] + [h[1] for h in halves]
+        out.append(torch.cat(parts))
+    return out
+
+
+# The engine kept with each model, the model's cache budget, and the lock under which callers of
+# `generate` and the edits pick (or replace) and use that engine: concurrent calls on one model take
+# turns, so none can take the pages another reserved; calls on different models run side by side.
 _ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Engine]" = weakref.WeakKeyDictionary()
+_BUDGETS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()
+
+
+def _model_lock(model: torch.nn.Module) -> threading.RLock:
+    with _TABLES_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+def set_cache_budget(model: torch.nn.Module, max_cache_bytes: Optional[int]) -> None:
+    """Cap the KV cache that `generate`, `inpaint`, `outpaint` and `expand` keep for `model` at
+    `max_cache_bytes` (None: no cap, the default). Larger batches then run in chunks that fit (see
+    `Engine`); a sample that cannot fit alone raises `CacheBudgetError` naming the budget and its need."""
+    if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or isinstance(max_cache_bytes, bool)
+                                        or max_cache_bytes < 1):
+        raise ValueError(f"max_cache_bytes must be a positive int or None, got {max_cache_bytes!r}")
+    with _model_lock(model):
+        if max_cache_bytes is None:
+            _BUDGETS.pop(model, None)
+        else:
+            _BUDGETS[model] = max_cache_bytes
+        _ENGINES.pop(model, None)  # the next call makes an engine within the new budget
 
 
 def sample_seeds(seed: int, n: int) -> list[int]:
@@ -510,35 +697,39 @@ def generate(
 
     Returns tokens int64 [B, L] in image order, and with return_logits also the list of every step's
     model logits, float32 [R, n_s, V] (R = 2B under CFG: conditional rows first, then unconditional).
-    The engine (cache and graphs) is kept with the model and reused by later calls that fit it.
+    The engine (cache and graphs) is kept with the model and reused by later calls that fit it; calls
+    from several threads on one model take turns on it (each gets the tokens it would get alone), and
+    `set_cache_budget` caps its memory. For many concurrent requests, `GenerationQueue` batches them.
     """
     labels = torch.as_tensor(labels)
-    engine = engine_for(model, labels.numel() * (2 if cfg_scale != 1.0 else 1), page_size, use_cuda_graphs)
-    return engine.generate(
-        labels,
-        num_steps,
-        schedule=schedule,
-        cfg_scale=cfg_scale,
-        cfg_schedule=cfg_schedule,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=generator,
-        seed=seed,
-        order=order,
-        return_logits=return_logits,
-        teacher_tokens=teacher_tokens,
-    )
+    rows = labels.numel() * (2 if cfg_scale != 1.0 else 1)
+    with model_engine(model, rows, page_size, use_cuda_graphs) as engine:
+        return engine.generate(labels, num_steps, schedule=schedule, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+                               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, seed=seed,
+                               order=order, return_logits=return_logits, teacher_tokens=teacher_tokens)
 
 
 def engine_for(
     model: torch.nn.Module, rows: int, page_size: int = 16, use_cuda_graphs: bool = True, seq_len: Optional[int] = None
 ) -> Engine:
-    """The engine kept with `model`, replaced by a fitting one when it is too small or set up otherwise."""
-    engine = _ENGINES.get(model)
-    if engine is None or not engine.matches(model, rows, page_size, use_cuda_graphs, seq_len):
-        _ENGINES.pop(model, None)
-        engine = Engine(model, rows, page_size=page_size, use_cuda_graphs=use_cuda_graphs, max_seq_len=seq_len,
-                        _weak_model=True)
-        _ENGINES[model] = engine
-    return engine
+    """The engine kept with `model`, replaced by a fitting one when it is too small or set up otherwise.
+
+    Callers that run on it from several threads hold `model_engine` instead, which also takes the lock."""
+    with _model_lock(model):
+        budget = _BUDGETS.get(model)
+        engine = _ENGINES.get(model)
+        if engine is None or not engine.matches(model, rows, page_size, use_cuda_graphs, seq_len, budget):
+            _ENGINES.pop(model, None)
+            del engine  # the old cache is released before the new one is made
+            engine = Engine(model, rows, page_size=page_size, use_cuda_graphs=use_cuda_graphs, max_seq_len=seq_len,
+                            max_cache_bytes=budget, _weak_model=True)
+            _ENGINES[model] = engine
+        return engine
+
+
+@contextlib.contextmanager
+def model_engine(model: torch.nn.Module, rows: int, page_size: int = 16, use_cuda_graphs: bool = True,
+                 seq_len: Optional[int] = None):
+    """`engine_for` with the model's lock held until the block ends (one caller at a time per model)."""
+    with _model_lock(model):
+        yield engine_for(model, rows, page_size, use_cuda_graphs, seq_len)

@@ -12,12 +12,14 @@ cu_q_lens that leaves the queries and skip slots outside the cache.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _value_checks = True
+_thread = threading.local()  # `value_checks` overrides, per thread
 
 
 def set_checks(enabled: bool) -> None:
@@ -28,19 +30,25 @@ def set_checks(enabled: bool) -> None:
 
 @contextlib.contextmanager
 def value_checks(enabled: bool):
-    """Context manager form of `set_checks`."""
-    prev = _value_checks
-    set_checks(enabled)
+    """Turn the value checks on or off in this thread until the block ends (the engine's decoding loop
+    turns them off for its own indices; other threads keep the process-wide setting)."""
+    prev = getattr(_thread, "enabled", None)
+    _thread.enabled = bool(enabled)
     try:
         yield
     finally:
-        set_checks(prev)
+        _thread.enabled = prev
+
+
+def _checks_on() -> bool:
+    local = getattr(_thread, "enabled", None)
+    return _value_checks if local is None else local
 
 
 def _values_checkable(t: torch.Tensor) -> bool:
     if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
         return False
-    if not _value_checks:
+    if not _checks_on():
         return False
     if t.device.type == "cpu":
         return True
