@@ -162,3 +162,27 @@ def test_summary_has_paged_speedups_with_geometric_mean_and_minimum(tmp_path):
     assert "| config | dtype | arpg-cpu vs gather+sdpa |" in summary
     assert "| bfloat16 | 2x |" in summary and "| bfloat16 | 0.5x |" in summary
     assert "| geometric mean | | 1x |" in summary and "| minimum | | 0.5x |" in summary
+
+
+def test_serving_benchmark_writes_a_record(tmp_path, monkeypatch):
+    from arpg.bench import serving
+
+    monkeypatch.setattr(
+        generation, "CPU_CONFIG",
+        ARPGConfig(dim=32, n_layer=2, n_head=1, vocab_size=16, num_classes=4, grid_size=4, ffn_multiple_of=32),
+    )
+    record = Record(tmp_path / "results.csv", "cpu")
+    stream = dict(model="cpu-tiny", requests=6, max_images=3, steps=[2, 4], max_rows=8, rounds=2)
+    s = serving.bench_serving(record, torch.device("cpu"), torch.float32, stream)
+    for provider in ("sequential", "queue"):
+        m = s[provider]
+        assert m["images_per_s"] > 0 and 0 < m["p50_s"] <= m["p95_s"] and m["kv_cache_memory"] > 0
+    assert s["queue_vs_sequential"] > 0 and s["config"]["rate_per_s"] > 0
+    rows = read_rows(tmp_path / "results.csv")
+    assert {r["metric"] for r in rows} == {"images_per_s", "latency_p50", "latency_p95", "kv_cache_memory",
+                                            "ratio_queue/sequential"}
+    summary = plot.summary_markdown(rows)
+    assert "## Serving" in summary and "| queue |" in summary and "queue / sequential images/s" in summary
+    # The latencies of one server taking requests in arrival order, from service times alone.
+    lat, span = serving._sequential_latencies([1.0, 1.0, 0.5], [0.0, 0.5, 5.0])
+    assert lat == [1.0, 1.5, 0.5] and span == 5.5

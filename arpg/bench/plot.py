@@ -174,6 +174,7 @@ def summary_markdown(rows: list[dict]) -> str:
                 lines.append(f"| {cfg['model']} | {cfg['steps']} | {cfg['batch']} | {ratio} |")
         lines += _step_profile_lines([r for r in gen if r["name"] == "step_profile"])
         lines.append("")
+    lines += _serving_lines([r for r in rows if r["bench"] == "serving"])
     kernel_metrics = ("latency", "bandwidth", "bandwidth_fraction")
     kern = [r for r in rows if r["bench"] == "kernels" and r["metric"] in kernel_metrics]
     if kern:
@@ -197,6 +198,27 @@ def summary_markdown(rows: list[dict]) -> str:
         lines.append("")
         lines += _paged_ratio_lines(table)
     return "\n".join(lines) + "\n"
+
+
+def _serving_lines(rows: list[dict]) -> list[str]:
+    """The request stream served by the queue and one call at a time (arpg/bench/serving.py)."""
+    if not rows:
+        return []
+    table = defaultdict(dict)
+    for r in rows:
+        table[(r["config"], r["provider"])][r["metric"]] = r
+    lines = ["## Serving\n", "| stream | provider | images/s | p50 s | p95 s | GPU peak MiB | CPU K/V MiB |",
+             "|" + "---|" * 7]
+    for (cfg, provider), m in table.items():
+        if provider == "ratio":
+            continue
+        cells = [_cell(m, k) for k in ("images_per_s", "latency_p50", "latency_p95", *_MEMORY_METRICS)]
+        lines.append(f"| {_short(cfg)} | {provider} | {' | '.join(cells)} |")
+    for (cfg, provider), m in table.items():
+        if provider == "ratio" and "ratio_queue/sequential" in m:
+            lines.append(f"\nqueue / sequential images/s: {fmt(float(m['ratio_queue/sequential']['median']))}x "
+                         f"({_short(cfg)})")
+    return lines + [""]
 
 
 STEP_PARTS = ("attention", "projections", "other_model_ops", "model_python", "sampling", "engine_other")

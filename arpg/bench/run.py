@@ -14,7 +14,7 @@ import torch
 
 from arpg.outputs import new_run_dir, slug
 
-from . import generation, kernels
+from . import generation, kernels, serving
 from .common import Budget, Record, device_name
 from .generation import GENERATION_BUDGET
 from .plot import MAX_SPREAD, make_plots, run_warnings, summary_markdown
@@ -33,7 +33,10 @@ arpg-bench: the project's main job. Measures on this machine:
               the eager original-style path and the raster-order baseline, all with CFG 4.0;
   kernels     paged_attention per available backend against SDPA (and flex attention, FlashInfer,
               flash-attn where importable): latency, GB/s, fraction of the measured copy bandwidth,
-              TFLOP/s; dense causal attention forward+backward against SDPA."""
+              TFLOP/s; dense causal attention forward+backward against SDPA;
+  serving     a Poisson stream of requests of mixed sizes, steps and guidance served by GenerationQueue
+              (continuous batching) against one generate call per request in arrival order: images/s,
+              p50/p95 latency, memory."""
     paragraphs = [
         f"Each timing repeats until its median is stable, and reports its spread (interquartile range over the "
         f"median). A kernel timing takes at least {cpu.min_reps} calls and {cpu.min_time_s:g} s on a CPU "
@@ -71,8 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default=default_device,
                         help=f"torch device to measure (default: cuda when available, else cpu; here {default_device})")
-    parser.add_argument("--only", choices=["generation", "kernels"], default=None,
-                        help="run one of the two parts (default: both)")
+    parser.add_argument("--only", choices=["generation", "kernels", "serving"], default=None,
+                        help="run one of the three parts (default: all)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="serving: requests per second (default: twice what one call at a time serves, "
+                             "measured in the first pass)")
     parser.add_argument("--quick", action="store_true",
                         help="the quick (CPU) grid even on a GPU (default: quick on a CPU, full on a GPU)")
     parser.add_argument("--models", default=None,
@@ -122,6 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         print("generation: where an engine step's host time goes (torch.profiler, largest batch and step count)")
         for name in grid["models"]:
             generation.profile_engine_step(record, device, name, max(grid["batches"]), max(grid["steps"]), dtype)
+    if args.only in (None, "serving"):
+        stream = dict(serving.CPU_STREAM if quick_grid else serving.GPU_STREAM)
+        if args.models:
+            stream["model"] = args.models.split(",")[0]
+        print(f"serving: GenerationQueue vs one generate call per request ({stream['requests']} requests of "
+              f"1-{stream['max_images']} images, {stream['model']})")
+        serving.bench_serving(record, device, torch.bfloat16 if device.type == "cuda" else torch.float32, stream,
+                              rate=args.rate)
     if args.only in (None, "kernels"):
         print("kernels: paged_attention per provider, dense attention fwd+bwd")
         kernels.run(record, device, quick_grid, progress_factory=None if quick_grid else progress_factory)
