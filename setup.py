@@ -52,10 +52,13 @@ INSTALL_REQUIRES = [
 ]
 _PLOTS = ["matplotlib>=3.8,<3.12", "scikit-learn>=1.4,<1.10"]
 _HUB = ["huggingface_hub>=2.0,<3"]  # published weights by name (arpg.hub); tested with 2.4
+_DIFFUSERS = ["diffusers>=0.42,<1", *_HUB]  # arpg.diffusers_pipeline; tested with 0.42.1
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-benchmark>=4,<6", "triton>=3.6,<3.9", *_PLOTS, *_HUB],
+    "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-benchmark>=4,<6", "triton>=3.6,<3.9", *_PLOTS,
+             *_DIFFUSERS],
     "bench": _PLOTS,
     "hub": _HUB,
+    "diffusers": _DIFFUSERS,
 }
 
 

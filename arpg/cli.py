@@ -392,11 +392,12 @@ def _run_edit(args, vq, edit, known_shape) -> np.ndarray:
 
     decode = _decoder(vq)
     out = []
-    starts = range(0, args.num, args.batch)
-    for i, start in enumerate(tqdm(starts, desc=args.command, unit="batch", disable=args.no_progress or None)):
-        n = min(args.batch, args.num - start)
-        tokens = edit(torch.full((n,), args.label, dtype=torch.long), batch_seed(args.seed, i))
-        out.append(decode(tokens.view(n, *known_shape)))
+    with tqdm(total=args.num, desc=args.command, unit="img", disable=args.no_progress or None) as bar:
+        for i, start in enumerate(range(0, args.num, args.batch)):
+            n = min(args.batch, args.num - start)
+            tokens = edit(torch.full((n,), args.label, dtype=torch.long), batch_seed(args.seed, i))
+            out.append(decode(tokens.view(n, *known_shape)))
+            bar.update(n)
     return np.concatenate(out)
 
 

@@ -636,6 +636,7 @@ def evaluate(
     seed: int = 0,
     threads: Optional[int] = 1,
     log=print,
+    progress: bool = False,
 ) -> dict:
     """Measure the digits ARPG against the judge; returns every number, and (with `out_dir`; the command
     line's default is `default_out_dir()`) writes `results.md`, `generation.csv`, `edits.csv`,
@@ -647,7 +648,8 @@ def evaluate(
     test digit: inpainting of the centre 4x4 and of the right half, outpainting of the left half into
     the 8x8 canvas, each with the true label (CFG `edit_cfg`) and with no class, against the trivial
     mean-pixel fill; plus an 8x16 resolution-expansion picture. `n_edit` limits the edits to the first
-    test digits (default: all 360).
+    test digits (default: all 360). progress: a tqdm bar over every image generated or edited, with
+    images/s (on a terminal only).
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -675,12 +677,20 @@ def evaluate(
         f"FD train-vs-test: judge features {floor['fd_judge_train_vs_test']:.3f}, pixels {floor['fd_pixels_train_vs_test']:.3f}")
 
     labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+    n_edits = int(data.x_test[:n_edit].shape[0]) * 2 * (len(MASKS) + 1)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(steps) * len(cfg_scales) * labels.numel() + n_edits, unit="img", desc="eval-digits",
+               disable=None if progress else True)
+    if progress:
+        log = bar.write  # lines above the bar, not through it
     gen_rows, samples = [], {}
     for s in steps:
         for g in cfg_scales:
             t0 = time.perf_counter()
             toks = generate_digits(model, labels, s, cfg_scale=g, temperature=temperature, seed=seed)
             dt = time.perf_counter() - t0
+            bar.update(labels.numel())
             samples[(s, g)] = toks
             feat = judge.features(toks)
             row = {
@@ -724,6 +734,7 @@ def evaluate(
                     out = outpaint_digits(model, tiles, (GRID, GRID), (0, 0), lab, num_steps=edit_steps, cfg_scale=g,
                                           temperature=temperature, seed=seed).reshape(-1, GRID * GRID)
                 dt = time.perf_counter() - t0
+                bar.update(x.shape[0])
                 untouched = bool((out[:, known] == x[:, known]).all())
                 key = "cond" if cond == "class" else "uncond"
                 row[f"model_acc_{key}"] = judge.accuracy(out, y)
@@ -736,6 +747,7 @@ def evaluate(
             log(f"{task} {region}: judge accuracy, model fill with class (cfg {edit_cfg}) {row['model_acc_cond']:.3f}, "
                 f"with no class {row['model_acc_uncond']:.3f}, trivial mean fill {row['trivial_fill_acc']:.3f}; "
                 f"known pixels untouched: {row['known_untouched_cond'] and row['known_untouched_uncond']}")
+    bar.close()
     res["edits"] = edit_rows
     res["eval_wall_s"] = round(time.perf_counter() - t_start, 1)
 
@@ -949,6 +961,7 @@ def _eval_parser(prog: str = "arpg eval-digits") -> argparse.ArgumentParser:
     p.add_argument("--n-edit", type=int, default=None, help="edit only the first N test digits (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
     return p
 
 
@@ -957,7 +970,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = default_out_dir() if a.out_dir is None else a.out_dir or None
     res = evaluate(ckpt=a.ckpt, out_dir=out_dir, steps=a.steps, cfg_scales=a.cfg, n_per_class=a.n_per_class,
                    temperature=a.temperature, edit_steps=a.edit_steps, edit_cfg=a.edit_cfg, n_edit=a.n_edit, seed=a.seed,
-                   threads=a.threads)
+                   threads=a.threads, progress=not a.no_progress)
     if out_dir:
         with open(os.path.join(out_dir, "results.md")) as f:
             print(f.read())

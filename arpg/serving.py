@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -141,7 +142,8 @@ class GenerationQueue:
         self._cancel_all = False
         self.steps_run = 0  # decoding steps the worker has run
         self.peak_rows = 0  # most cache rows held at once
-        self._worker = threading.Thread(target=self._loop, name="arpg-generation-queue", daemon=True)
+        self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="arpg-generation-queue",
+                                        daemon=True)
         self._worker.start()
 
     # the callers' side ----------------------------------------------------------------------------
@@ -241,31 +243,32 @@ class GenerationQueue:
 
     # the worker's side ----------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        with torch.inference_mode(), ak.value_checks(False):
-            while True:
-                with self._cond:
-                    if self._cancel_all:
-                        for req in self._active:
-                            req.future.cancel()
-                    self._retire([r for r in self._active if r.future.cancelled()])
-                    if any(r.future.cancelled() for r in self._waiting):
-                        self._waiting = deque(r for r in self._waiting if not r.future.cancelled())
-                        self._cond.notify_all()  # room in the waiting list
-                    self._admit()
-                    if not self._active:
-                        if self._closed and not self._waiting:
-                            return
-                        self._cond.wait()
-                        continue
-                try:
-                    self._step()
-                except BaseException as e:  # the step's requests fail; the queue goes on
-                    failed, self._active = self._active, []
-                    for req in failed:
-                        self._release(req)
-                        if req.future.set_running_or_notify_cancel():
-                            req.future.set_exception(e)
+    def _run_once(self) -> bool:
+        """One turn of the worker: tidy up, admit, run a step (or wait a while when idle). False once
+        the queue is shut down and drained."""
+        with self._cond:
+            if self._cancel_all:
+                for req in self._active:
+                    req.future.cancel()
+            self._retire([r for r in self._active if r.future.cancelled()])
+            if any(r.future.cancelled() for r in self._waiting):
+                self._waiting = deque(r for r in self._waiting if not r.future.cancelled())
+                self._cond.notify_all()  # room in the waiting list
+            self._admit()
+            if not self._active:
+                if self._closed and not self._waiting:
+                    return False
+                self._cond.wait(timeout=_IDLE_POLL_S)
+                return True
+        try:
+            self._step()
+        except BaseException as e:  # the step's requests fail; the queue goes on
+            failed, self._active = self._active, []
+            for req in failed:
+                self._release(req)
+                if req.future.set_running_or_notify_cancel():
+                    req.future.set_exception(e)
+        return True
 
     def _admit(self) -> None:
         """Move waiting requests into the running batch, first come first served, while they fit."""
@@ -402,6 +405,22 @@ class GenerationQueue:
                 req.future.set_result(out)
         with self._cond:
             self._retire(done)
+
+
+# An idle worker holds its queue only weakly between turns, so a queue dropped without `shutdown` is
+# collected (cache and all) and its worker ends within this many seconds; a busy one finishes its work.
+_IDLE_POLL_S = 0.5
+
+
+def _work(ref: "weakref.ref[GenerationQueue]") -> None:
+    with torch.inference_mode(), ak.value_checks(False):
+        queue = ref()
+        while queue is not None:
+            if not queue._run_once():
+                return
+            if not (queue._active or queue._waiting):
+                queue = None  # idle: let go, so that a queue nobody holds is collected
+                queue = ref()
 
 
 def _cumsum(counts: list[int]) -> list[int]:

@@ -190,3 +190,24 @@ def test_eval_writes_a_new_untracked_folder_by_default(tmp_path, monkeypatch, ca
     assert f"wrote the results to {os.path.join('arpg-results', run_dir.name)}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arpg-results"]
     assert "--out-dir benchmarks/results/digits" in " ".join(D._eval_parser().format_help().split())
+
+
+def test_eval_progress_counts_every_image(tmp_path, monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            kw["disable"] = False  # as on a terminal
+            kw["file"] = open(os.devnull, "w")
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    lines = []
+    D.evaluate(steps=[2], cfg_scales=[1.0, 2.0], n_per_class=2, n_edit=3, edit_steps=2, progress=True,
+               log=lines.append)
+    (bar,) = bars
+    assert bar.unit == "img" and bar.total == 2 * 20 + 3 * 2 * 3 and bar.n == bar.total
+    assert lines  # the real-data line goes through `log`; later lines go above the bar

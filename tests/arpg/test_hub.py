@@ -221,6 +221,37 @@ def test_pipeline_switches_model_type_and_refuses_bad_arguments(cache):
         ARPGPipeline.from_pretrained(model_type="ARPG-M")
 
 
+def test_diffusers_custom_pipeline(cache, tmp_path):
+    """The original's quick start, `DiffusionPipeline.from_pretrained(..., custom_pipeline=...)`, with
+    this project's pipeline file: the same grid as `ARPGPipeline`, and the original's own arguments."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is optional: the custom pipeline is tested "
+                                                        "where it is installed")
+    import json
+
+    import numpy as np
+
+    import arpg.diffusers_pipeline as arpg_diffusers
+
+    repo = tmp_path / "ARPG"  # a local copy of the repository's model_index.json
+    repo.mkdir()
+    (repo / "model_index.json").write_text(json.dumps({"_class_name": "ARPGModel", "_diffusers_version": "0.32.2"}))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(repo), custom_pipeline=arpg_diffusers.__file__,
+                                                       trust_remote_code=True)
+    assert type(pipe).__name__ == "ARPGModel" and isinstance(pipe, diffusers.DiffusionPipeline)
+    kwargs = dict(seed=11, num_steps=4, class_labels=[3, 1, 4], cfg_scale=2.0, top_k=20, samples_per_row=2)
+    image = pipe(model_type="ARPG-L", device="cpu", progress=False, **kwargs)
+    want = ARPGPipeline.from_pretrained(model_type="ARPG-L", device="cpu")(progress=False, **kwargs).grid
+    assert np.array_equal(np.asarray(image), np.asarray(want))
+    # The original's file arguments: a published file by name, the published tokenizer by its file name.
+    again = pipe(model_type="ARPG-L", model_filename="arpg_300m.pt", vae_filename="vq_ds16_c2i.pt",
+                 repo_id="FoundationVision/LlamaGen", device="cpu", progress=False, **kwargs)
+    assert np.array_equal(np.asarray(again), np.asarray(want))
+    with pytest.raises(ValueError, match="model_filename 'nope.pt': give a local file or one of the published"):
+        pipe(model_type="ARPG-L", model_filename="nope.pt", device="cpu")
+    with pytest.raises(ValueError, match="repo_id 'me/other'"):
+        pipe(model_type="ARPG-L", repo_id="me/other", device="cpu")
+
+
 # ------------------------------------------------------------------------------------------------
 # from_original
 

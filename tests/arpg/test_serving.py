@@ -330,3 +330,18 @@ def test_queue_memory_cap(make_model):
             q.submit([1, 2, 3], 4, 2.0)
     with pytest.raises(CacheBudgetError, match="holds no sequence"):
         GenerationQueue(model, max_cache_bytes=row - 1)
+
+
+def test_a_dropped_queue_is_collected_and_its_worker_ends(make_model):
+    import gc
+    import weakref
+
+    model = make_model("ARPG-tiny")
+    q = GenerationQueue(model, max_rows=4)
+    fut = q.submit([1], 3, seed=1)
+    worker, ref = q._worker, weakref.ref(q)
+    del q
+    assert torch.equal(fut.result(timeout=60), arpg.generate(model, torch.tensor([1]), 3, seed=1))  # work first
+    worker.join(timeout=10)
+    gc.collect()
+    assert not worker.is_alive() and ref() is None
