@@ -120,3 +120,23 @@ def test_sample_distribution_and_determinism():
     assert torch.equal(sample(x, temperature=0), x.argmax(-1))
     assert torch.equal(sample(x, top_k=1, generator=g), x.argmax(-1))
     assert torch.equal(sample(x, top_p=1e-6, generator=g), x.argmax(-1))
+
+
+def test_sample_never_picks_a_removed_token_and_matches_the_filtered_softmax():
+    # Probability-0 entries (filtered to -inf) at the start, the middle and the end of the row.
+    logits = torch.tensor([float("-inf"), 0.0, float("-inf"), 1.0, 2.0, float("-inf")]).expand(40000, 6)
+    draws = sample(logits, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0
+    want = torch.softmax(logits[0], -1).double() * draws.numel()
+    live = want > 0
+    chi2 = (((counts - want) ** 2)[live] / want[live]).sum().item()
+    assert chi2 < 13.8, chi2  # 2 degrees of freedom: p = 0.001
+    # top-k / top-p: only the kept tokens, in proportion to their renormalised probabilities.
+    x = torch.randn(1, 50, generator=torch.Generator().manual_seed(2)).expand(30000, 50)
+    draws = sample(x, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    kept = torch.isfinite(filter_logits(x[:1], top_k=5, top_p=0.9))[0]
+    assert kept[draws].all()
+    counts = torch.bincount(draws, minlength=50).double()[kept]
+    want = torch.softmax(filter_logits(x[:1], top_k=5, top_p=0.9), -1)[0].double()[kept] * draws.numel()
+    assert (((counts - want) ** 2) / want).sum().item() < 20.5  # <= 4 degrees of freedom: p = 0.0004
