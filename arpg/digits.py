@@ -622,6 +622,15 @@ def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> No
             w.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in r])
 
 
+def _cpu_kernels() -> str:
+    """Which paged-attention implementation serves CPU tensors here (named in the record)."""
+    import arpg_kernels as ak
+
+    x = torch.zeros(1, 1, 8)
+    name = ak.ops.resolve_backend("paged_attention", x, torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, dtype=torch.int32))
+    return "cpu C++ kernels" if name.__name__.endswith(".cpu") else "reference ops"
+
+
 def evaluate(
     model: Optional[ARPG] = None,
     ckpt: Optional[str] = None,
@@ -664,6 +673,7 @@ def evaluate(
                               "n_edit": int(data.x_test[:n_edit].shape[0]) if n_edit else None,
                               "seed": seed, "threads": torch.get_num_threads(), "schedule": "arccos",
                               "judge": "LogisticRegression(C=1) on pixels/16, train split",
+                              "kernels": _cpu_kernels(),
                               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}}
     test_feat, test_pix = judge.features(data.x_test), _pixels(data.x_test)
     floor = {
@@ -824,7 +834,7 @@ def _write_outputs(res, out_dir, model, data, samples, edit_pics, have_edit, tem
         "",
         matrix("fd_pixels"),
         "",
-        "## Generation time, ms per image (batches of 500, CPU, reference kernels)",
+        f"## Generation time, ms per image (batches of 500, CPU, {res['settings'].get('kernels', 'reference ops')})",
         "",
         matrix("ms_per_image"),
         "",
