@@ -28,7 +28,7 @@ from .plot import STEP_PARTS
 CPU_CONFIG = ARPGConfig(dim=128, n_layer=4, n_head=2, vocab_size=1024, num_classes=10, grid_size=16, ffn_multiple_of=64)
 
 GPU_GRID = dict(models=["ARPG-L", "ARPG-XL", "ARPG-XXL"], steps=[32, 64], batches=[1, 16, 64, 256])
-CPU_GRID = dict(models=["cpu-tiny"], steps=[32, 64], batches=[1, 4])
+CPU_GRID = dict(models=["cpu-tiny"], steps=[32, 64], batches=[1, 4, 16])
 
 # One generation takes up to seconds (raster on a CPU: 256 steps, 2-7 s), so each provider gets at least
 # 3 runs and stops adding runs after 3 s of them: the default CPU grid stays a few minutes.

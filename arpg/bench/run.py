@@ -48,7 +48,7 @@ arpg-bench: the project's main job. Measures on this machine:
         "and prints the summary and the folder. Warns on stderr, and in the summary, when the 1-minute load "
         f"average is above the CPU count at the start or the end, or a timing's spread is above {MAX_SPREAD:.0%}.",
         f"Time: the quick grid (the default without a GPU: {q['models']}; steps {q['steps']}; batches "
-        f"{q['batches']}; float32) takes about a minute on 2 idle CPU cores, up to about 8 when other jobs load "
+        f"{q['batches']}; float32; and the serving stream) takes about two minutes on 2 idle CPU cores, up to about 10 when other jobs load "
         "them. "
         f"The full GPU grid ({f['models']}; steps {f['steps']}; batches {f['batches']}; bf16; about 1,000 kernel "
         "timings) has not been timed yet; expect tens of minutes.",
