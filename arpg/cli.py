@@ -181,9 +181,8 @@ def _load_model(args, device, dtype):
     stored = _stored_config(args.ckpt) if args.config else None
     if stored is not None:
         # Sizes the weights do not show (grid_size, rope_base, ...) must agree too.
-        want = get_config(args.config).to_dict()
-        diff = [f"{k} {stored[k]} vs {want[k]}" for k in want if k != "class_dropout" and k in stored
-                and stored[k] != want[k]]
+        want = get_config(args.config).architecture()
+        diff = [f"{k} {stored[k]} vs {want[k]}" for k in want if k in stored and stored[k] != want[k]]
         if diff:
             raise CLIError(f"{args.ckpt} was saved with another config than --config {args.config}: "
                            f"{', '.join(diff)} (checkpoint vs --config)")
@@ -596,21 +595,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="H,W of the result in tokens (default: twice the image along the side's axis)")
     p.set_defaults(func=_cmd_outpaint)
 
-    # These two have their own parsers in arpg.digits; `main` hands them the rest of the command line.
+    # These have their own parsers (arpg.train, arpg.digits); `main` hands them the rest of the command line.
+    sub.add_parser("train", add_help=False, help="train an ARPG on token codes (torchrun: DDP or FSDP2)")
+    sub.add_parser("pack-codes", add_help=False, help="pack a code folder into memory-mapped shards")
+    sub.add_parser("extract-codes", add_help=False, help="encode an ImageFolder tree into training codes")
     sub.add_parser("train-digits", add_help=False, help="train the small ARPG on scikit-learn's digits")
     sub.add_parser("eval-digits", add_help=False, help="measure the digits model against an independent judge")
     return parser
 
 
-_DIGITS_COMMANDS = {"train-digits": "train_main", "eval-digits": "eval_main"}
+_OWN_PARSERS = {"train": ("train", "main"), "pack-codes": ("train", "pack_main"), "extract-codes": ("extract", "main"),
+                "train-digits": ("digits", "train_main"), "eval-digits": ("digits", "eval_main")}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in _DIGITS_COMMANDS:
-        from . import digits
+    if argv and argv[0] in _OWN_PARSERS:
+        import importlib
 
-        return getattr(digits, _DIGITS_COMMANDS[argv[0]])(argv[1:])
+        module, func = _OWN_PARSERS[argv[0]]
+        return getattr(importlib.import_module(f"arpg.{module}"), func)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(_attach_negative_lists(argv))
     try:

@@ -12,6 +12,11 @@ def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
 
+# Fields that only change training (dropout rates); two configs that differ only in them hold the same
+# weights and decode alike.
+TRAINING_ONLY_FIELDS = ("token_dropout", "resid_dropout", "ffn_dropout", "drop_path")
+
+
 @dataclass
 class ARPGConfig:
     """Sizes of an ARPG (or raster baseline) transformer.
@@ -30,6 +35,13 @@ class ARPGConfig:
     norm_eps: float = 1e-5
     class_dropout: float = 0.1
     ffn_multiple_of: int = 256
+    # Training-time regularisation (the original's `token_dropout_p`, `resid_dropout_p`, `ffn_dropout_p`,
+    # `drop_path_rate`); active in train mode only, never in decoding. Off by default: the original's
+    # training defaults are 0.1 / 0.1 / 0.1 / 0.0 (`arpg train` sets them).
+    token_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    ffn_dropout: float = 0.0
+    drop_path: float = 0.0
 
     def __post_init__(self):
         if self.dim % self.n_head:
@@ -38,6 +50,10 @@ class ARPGConfig:
             raise ValueError(f"head_dim ({self.head_dim}) must be divisible by 4 for the 2D RoPE")
         if self.grid_size < 1 or self.vocab_size < 1 or self.num_classes < 1:
             raise ValueError("grid_size, vocab_size and num_classes must be positive")
+        for name in ("class_dropout", *TRAINING_ONLY_FIELDS):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +91,10 @@ class ARPGConfig:
 
     def class_token_id(self, label: int) -> int:
         return self.vocab_size + 1 + label
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the weights and the decoding (all but class dropout and the dropouts)."""
+        return {k: v for k, v in self.to_dict().items() if k != "class_dropout" and k not in TRAINING_ONLY_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

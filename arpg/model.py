@@ -105,11 +105,21 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch for a random fraction p of the samples (dim 0), scale the
+    rest by 1 / (1 - p)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
+        self.resid_dropout = config.resid_dropout
         self.to_q = nn.Linear(config.dim, config.dim, bias=False)
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
@@ -125,7 +135,7 @@ class SelfAttention(nn.Module):
         """Causal attention. x: [B, L, dim]; rope: [B, L, head_dim // 2, 2]."""
         q, k, v = self._qkv(x, rope)
         o = ak.attention(q, k, v, causal=True)
-        return self.proj(o.flatten(-2))
+        return F.dropout(self.proj(o.flatten(-2)), self.resid_dropout, self.training)
 
     def forward_paged(
         self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, causal: bool = False
@@ -144,6 +154,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
+        self.resid_dropout = config.resid_dropout
         self.to_q = nn.Linear(config.dim, config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
 
@@ -153,7 +164,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """Query j sees keys 0..j. x: [B, L, dim]; k, v: [B, L, H, D]; rope: [B, L, head_dim // 2, 2]."""
         o = ak.attention(self._q(x, rope), k, v, causal=True)
-        return self.proj(o.flatten(-2))
+        return F.dropout(self.proj(o.flatten(-2)), self.resid_dropout, self.training)
 
     def forward_paged(self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch):
         """Every query sees the whole shared cache. x: [T_q, dim]; rope: [T_q, head_dim // 2, 2]."""
@@ -163,34 +174,50 @@ class CrossAttention(nn.Module):
         return self.proj(o.flatten(-2))
 
 
-class SelfDecoder(nn.Module):
-    def __init__(self, config: ARPGConfig):
+class _Regularised(nn.Module):
+    """The training-time regularisation of a decoder layer: FFN dropout, and drop path on both branches."""
+
+    def _init_regularisation(self, config: ARPGConfig, drop_path_rate: float) -> None:
+        self.ffn_dropout = config.ffn_dropout
+        self.drop_path = drop_path_rate
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        return drop_path(y, self.drop_path, self.training)
+
+    def _ffn_branch(self, h: torch.Tensor) -> torch.Tensor:
+        return self._branch(F.dropout(self.ffn(self.ffn_norm(h)), self.ffn_dropout, self.training))
+
+
+class SelfDecoder(_Regularised):
+    def __init__(self, config: ARPGConfig, drop_path_rate: float = 0.0):
         super().__init__()
         self.attn = SelfAttention(config)
         self.ffn = FeedForward(config)
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self._init_regularisation(config, drop_path_rate)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), rope)
-        return h + self.ffn(self.ffn_norm(h))
+        h = x + self._branch(self.attn(self.attn_norm(x), rope))
+        return h + self._ffn_branch(h)
 
     def forward_paged(self, x, rope, k_cache, v_cache, batch: PagedBatch, causal: bool = False):
         h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch, causal)
         return h + self.ffn(self.ffn_norm(h))
 
 
-class CrossDecoder(nn.Module):
-    def __init__(self, config: ARPGConfig):
+class CrossDecoder(_Regularised):
+    def __init__(self, config: ARPGConfig, drop_path_rate: float = 0.0):
         super().__init__()
         self.attn = CrossAttention(config)
         self.ffn = FeedForward(config)
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self._init_regularisation(config, drop_path_rate)
 
     def forward(self, x, k, v, rope):
-        h = x + self.attn(self.attn_norm(x), k, v, rope)
-        return h + self.ffn(self.ffn_norm(h))
+        h = x + self._branch(self.attn(self.attn_norm(x), k, v, rope))
+        return h + self._ffn_branch(h)
 
     def forward_paged(self, x, rope, k_cache, v_cache, batch: PagedBatch):
         h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch)
@@ -198,14 +225,21 @@ class CrossDecoder(nn.Module):
 
 
 class TwoPassDecoder(nn.Module):
-    """Self layers, then one shared K/V projection, then cross layers (`layers.*` in the checkpoints)."""
+    """Self layers, then one shared K/V projection, then cross layers (`layers.*` in the checkpoints).
+
+    Drop path rises linearly from 0 at the first self layer to `config.drop_path` at the last cross layer
+    (LlamaGen's schedule; the original ARPG takes `drop_path_rate` but applies it nowhere).
+    """
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.self_dec = nn.ModuleList([SelfDecoder(config) for _ in range(config.n_self_layers)])
-        self.cross_dec = nn.ModuleList([CrossDecoder(config) for _ in range(config.n_cross_layers)])
+        n_self = config.n_self_layers
+        rates = [config.drop_path * i / max(1, config.n_layer - 1) for i in range(config.n_layer)]
+        self.self_dec = nn.ModuleList([SelfDecoder(config, rates[i]) for i in range(n_self)])
+        self.cross_dec = nn.ModuleList([CrossDecoder(config, rates[n_self + i])
+                                        for i in range(config.n_cross_layers)])
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
@@ -293,12 +327,14 @@ class ARPG(nn.Module):
         orders: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         context: Optional[torch.Tensor] = None,
+        class_dropout: Optional[float] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training step.
 
         tokens: [B, L] image token ids in [0, V), L = grid_size**2, image (raster) order.
         labels: [B] class labels (negative = no class); in train mode each is dropped to "no class"
-            with probability `config.class_dropout`.
+            with probability `class_dropout` (default `config.class_dropout`; the trainer draws its own
+            drops and passes 0).
         orders: [B, L] per-sample permutations of the token indices 0..L-1 (drawn if None).
         context: [B, L] the tokens fed as context, if not `tokens` themselves (a training run may corrupt
             some, so that the model learns to recover from its own sampling errors); targets stay `tokens`.
@@ -311,8 +347,9 @@ class ARPG(nn.Module):
             raise ValueError(f"tokens has {seq} positions, config expects grid_size**2 = {c.seq_len}")
         device = tokens.device
         cls = self.class_ids(labels.to(device))
-        if self.training and c.class_dropout > 0:
-            drop = torch.rand(bsz, device=device, generator=generator) < c.class_dropout
+        p_drop = c.class_dropout if class_dropout is None else class_dropout
+        if self.training and p_drop > 0:
+            drop = torch.rand(bsz, device=device, generator=generator) < p_drop
             cls = torch.where(drop, torch.full_like(cls, c.null_class_id), cls)
         if orders is None:
             orders = torch.rand(bsz, seq, device=device, generator=generator).argsort(dim=1)
@@ -324,6 +361,7 @@ class ARPG(nn.Module):
 
         inputs = targets if context is None else context.to(device).gather(1, orders)
         x = self.embeddings(torch.cat([cls[:, None], inputs[:, :-1]], dim=1))
+        x = F.dropout(x, c.token_dropout, self.training)  # the original's token dropout (not on the queries)
         q = self.layers(x, self.mask_queries(bsz, seq), rope[pos_in], rope[pos_q])
         logits = self.head(self.norm(q)).float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -219,3 +219,33 @@ def test_triton_backend_same_loss_curve(make_model):
         tri = _train(tri_model, 3)
     assert ref[-1] < ref[0]
     torch.testing.assert_close(torch.tensor(tri), torch.tensor(ref), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("field", ["token_dropout", "resid_dropout", "ffn_dropout", "drop_path"])
+def test_training_regularisation_is_train_mode_only(make_model, field):
+    import dataclasses
+
+    from arpg import ARPG
+
+    plain = make_model()
+    cfg = dataclasses.replace(plain.config, **{field: 0.5})
+    model = ARPG(cfg)
+    model.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (8, cfg.seq_len))
+    labels = torch.randint(0, cfg.num_classes, (8,))
+    orders = torch.rand(8, cfg.seq_len).argsort(1)
+    want, _ = plain(tokens, labels, orders=orders)
+    got, _ = model.eval()(tokens, labels, orders=orders)
+    assert torch.equal(got, want)  # eval (and decoding): no dropout at all
+    model.train()
+    torch.manual_seed(0)
+    a, _ = model(tokens, labels, orders=orders, class_dropout=0.0)
+    torch.manual_seed(1)
+    b, _ = model(tokens, labels, orders=orders, class_dropout=0.0)
+    assert not torch.equal(a, b) and not torch.equal(a, want)
+    plain.train()
+    c, _ = plain(tokens, labels, orders=orders, class_dropout=0.0)
+    assert torch.equal(c, want)  # with the rates at 0, train mode is the eval computation
+    if field == "drop_path":  # linear from 0 at the first self layer to the rate at the last cross layer
+        rates = [layer.drop_path for layer in [*model.layers.self_dec, *model.layers.cross_dec]]
+        assert rates[0] == 0.0 and rates[-1] == 0.5 and rates == sorted(rates)
