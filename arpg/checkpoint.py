@@ -4,7 +4,8 @@
 under one of `state_dict` (published ARPG files), `model` (training checkpoints, next to `ema`),
 `module`, or `ema`, or is the file's top-level dict itself. `key="auto"` takes the first present of
 `state_dict`, `model`, `module`, then `ema`, then the top level: the raw weights, never the EMA,
-when both are there. Ask for `key="ema"` to get the EMA weights.
+when both are there. Ask for `key="ema"` to get the EMA weights. A folder is an FSDP2 checkpoint of
+`arpg train` (`torch.distributed.checkpoint` shards), read in one process, raw or EMA weights alike.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def load_state_dict_file(path: str, key: Optional[str] = "auto") -> tuple[dict, 
     """
     if not os.path.exists(path):
         raise FileNotFoundError(path)
+    if os.path.isdir(path):
+        return _read_distributed_checkpoint(path, key)
     try:
         return _read_state_dict_file(path, key)
     except CheckpointError:
@@ -62,6 +65,34 @@ def load_state_dict_file(path: str, key: Optional[str] = "auto") -> tuple[dict, 
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {first}); "
                               "truncated, damaged or not a checkpoint?") from exc
+
+
+def _read_distributed_checkpoint(path: str, key: Optional[str]) -> tuple[dict, dict]:
+    """The weights of a `torch.distributed.checkpoint` folder written by `arpg train` with FSDP2
+    (`trainer.pt` beside the shards holds the config), read in this one process."""
+    trainer = os.path.join(path, "trainer.pt")
+    if not (os.path.exists(os.path.join(path, ".metadata")) and os.path.exists(trainer)):
+        raise CheckpointError(f"{path}: a folder, but not a checkpoint of arpg train (no .metadata and trainer.pt)")
+    import torch.distributed.checkpoint as dcp
+
+    state = torch.load(trainer, map_location="cpu", weights_only=True)
+    meta = {"config": state["config"], "arch": state.get("arch", "arpg")}
+    key = "model" if key in ("auto", None, "state_dict") else key
+    if key not in ("model", "ema"):
+        raise CheckpointError(f"{path}: holds 'model' and maybe 'ema' weights, not {key!r}")
+    with torch.device("meta"):
+        shapes = ARPG(ARPGConfig.from_dict(state["config"])).state_dict()
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({key: sd}, checkpoint_id=path, no_dist=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: no {key!r} weights could be read ({type(exc).__name__}: {first})") from exc
+    return sd, meta
 
 
 def _read_state_dict_file(path: str, key: Optional[str]) -> tuple[dict, dict]:

@@ -9,8 +9,9 @@ and one unused row).
 - `load_split()`: the fixed stratified 80/20 split (`train_test_split(random_state=0)`): 1,437 train
   and 360 test digits.
 - `train()` / `train_main()` (`arpg train-digits`, `python -m arpg.digits train`): trains `digits_config()`
-  with `ARPG.forward`, the same random-order teacher-forced step as the ImageNet models (a permutation
-  per sample, class dropout 0.1), and writes the weights with their config (`save_checkpoint`).
+  with `arpg.train`, the trainer of the ImageNet models (the same random-order teacher-forced step: a
+  permutation per sample, class dropout 0.1), on the recipe `digits_recipe()`, and writes the weights
+  with their config (`save_checkpoint`).
 - `Judge`: the independent judge, multinomial logistic regression fitted on the real training split's
   64 pixel values only (never on generated data). Its predictions give class-conditional accuracy;
   its 10 logits are the features of a Frechet distance (FD, the FID recipe on the judge's features).
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import sys
@@ -45,6 +45,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ARPGConfig
 from .engine import sample_seeds
+from .data_codes import TensorCodes
 from .model import ARPG
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "DigitsSplit",
     "load_split",
     "digits_config",
+    "digits_recipe",
     "train",
     "load_digits_model",
     "is_digits_config",
@@ -127,174 +129,23 @@ def digits_config(dim: int = 96, n_layer: int = 6, n_head: int = 3, ffn_multiple
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Training (the loop is `arpg.train`'s)
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+def digits_recipe(steps: int = 2000, batch_size: int = 32, lr: float = 5e-3, warmup: int = 50,
+                  weight_decay: float = 0.05, dim: int = 96, n_layer: int = 6, n_head: int = 3, ema: float = 0.998,
+                  init_std: float = 0.1, rope_base: float = 10000.0, optimizer: str = "muon", muon_lr: float = 0.03,
+                  input_noise: float = 0.25, seed: int = 0, log_every: int = 250):
+    """The `arpg.train.TrainConfig` of the shipped checkpoint (with these defaults): Muon on the hidden
+    matrices + AdamW on the rest, lr not scaled by batch, warmup then cosine to lr/10, no dropouts but
+    class dropout 0.1, a quarter of the context tokens replaced by random pixel values."""
+    from .train import TrainConfig
 
-
-def _build(config: ARPGConfig, init_std: float, seed: int) -> ARPG:
-    torch.manual_seed(seed)
-    model = ARPG(config).train()
-    model.reset_parameters(std=init_std)
-    return model
-
-
-def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz orthogonalization of a stack of matrices [..., A, B], in float32."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    tall = g.shape[-2] > g.shape[-1]
-    x = g.transpose(-1, -2) if tall else g
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        s = x @ x.transpose(-1, -2)
-        x = a * x + (b * s + c * (s @ s)) @ x
-    return x.transpose(-1, -2) if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon: SGD momentum (Nesterov) whose update of each weight matrix is orthogonalized by a
-    Newton-Schulz iteration, scaled by sqrt(max(1, rows / cols)) (torch.optim.Muon's "original" rule).
-
-    The same algorithm as torch.optim.Muon, but in float32 and batched over matrices of one shape:
-    torch's version iterates in bfloat16, which is slow on most CPUs, and one matrix at a time (on the
-    project's CPU, the 38 hidden matrices of the dim-96 digits model: 74 ms per step here, 1,162 ms there).
-    """
-
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            by_shape: dict = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.dim() != 2:
-                    raise ValueError("Muon takes 2D weight matrices only")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                by_shape.setdefault(tuple(p.shape), []).append((p, update))
-            for (rows, cols), items in by_shape.items():
-                ortho = _newton_schulz(torch.stack([u for _, u in items]).float(), group["ns_steps"])
-                step_size = group["lr"] * max(1.0, rows / cols) ** 0.5
-                for (p, _), o in zip(items, ortho):
-                    p.add_(o.to(p.dtype), alpha=-step_size)
-
-
-def _optimizers(model: ARPG, hp: dict) -> list:
-    """AdamW (betas 0.9/0.95; weight decay on the linear weights only), or with `optimizer="muon"`
-    `Muon` on the hidden linear weights (lr `muon_lr`, no weight decay) and AdamW on the
-    embeddings, head and norms. Every param group carries `lr_scale` (its lr over the schedule's)."""
-    named = list(model.named_parameters())
-    hidden = [p for n, p in named if p.dim() >= 2 and not n.startswith(("embeddings", "head"))]
-    matrices = [p for n, p in named if p.dim() >= 2 and "embeddings" not in n]
-    if hp["optimizer"] == "muon":
-        ids = {id(p) for p in hidden}
-        rest = [p for _, p in named if id(p) not in ids]
-        scale = hp["muon_lr"] / hp["lr"]
-        muon = Muon([{"params": hidden, "lr_scale": scale}], lr=hp["muon_lr"])
-        adam = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}], lr=hp["lr"], betas=(0.9, 0.95),
-                                 weight_decay=0.0)
-        return [muon, adam]
-    ids = {id(p) for p in matrices}
-    rest = [p for _, p in named if id(p) not in ids]
-    return [torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": hp["weight_decay"], "lr_scale": 1.0},
-         {"params": rest, "weight_decay": 0.0, "lr_scale": 1.0}],
-        lr=hp["lr"],
-        betas=(0.9, 0.95),
-    )]
-
-
-def _train_loop(rank: int, world: int, config: ARPGConfig, hp: dict, log=None):
-    """The training steps of one process (rank) of `world`; every rank holds the same weights.
-
-    The batch of each step is drawn identically on every rank (one data generator seeded by `seed`);
-    rank r takes every world-th sample of it, with its own generator for orders and class dropout,
-    and the gradients (and the loss) are averaged over the ranks before the identical optimizer steps.
-    """
-    import torch.distributed as dist
-
-    torch.set_num_threads(1 if world > 1 else torch.get_num_threads())
-    data = load_split()
-    model = _build(config, hp["init_std"], hp["seed"])
-    params = list(model.parameters())
-    opts = _optimizers(model, hp)
-    ema = hp["ema"]
-    ema_params = [p.detach().clone() for p in params] if ema > 0 and rank == 0 else None
-    data_gen = torch.Generator().manual_seed(hp["seed"])
-    model_gen = torch.Generator().manual_seed(hp["seed"] * 1009 + 1 + rank)
-    n, bsz, steps = data.x_train.shape[0], hp["batch_size"], hp["steps"]
-    perm, cursor = torch.randperm(n, generator=data_gen), 0
-    t0 = time.perf_counter()
-    running = None
-    for step in range(steps):
-        if cursor + bsz > n:
-            perm, cursor = torch.randperm(n, generator=data_gen), 0
-        idx = perm[cursor : cursor + bsz][rank::world]
-        cursor += bsz
-        lr_now = _lr_at(step, steps, hp["lr"], hp["warmup"])
-        for opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = lr_now * g["lr_scale"]
-        x = data.x_train[idx]
-        context = None
-        if hp["input_noise"] > 0:  # replace a fraction of the context tokens by random pixel values
-            noise = torch.rand(x.shape, generator=model_gen) < hp["input_noise"]
-            context = torch.where(noise, torch.randint(0, VOCAB, x.shape, generator=model_gen), x)
-        _, loss = model(x, data.y_train[idx], generator=model_gen, context=context)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            value = float(flat[-1])
-        else:
-            value = float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for opt in opts:
-            opt.step()
-        if ema_params is not None:
-            with torch.no_grad():
-                for e, p in zip(ema_params, params):
-                    e.lerp_(p.detach(), 1 - ema)
-        running = value if running is None else 0.95 * running + 0.05 * value
-        if log and hp["log_every"] and ((step + 1) % hp["log_every"] == 0 or step + 1 == steps):
-            log(f"step {step + 1}/{steps}  loss {value:.4f}  (avg {running:.4f})  lr {lr_now:.2e}"
-                f"  {time.perf_counter() - t0:.0f}s")
-    if ema_params is not None:
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                p.copy_(e)
-    return model.eval(), running
-
-
-def _dp_worker(rank: int, world: int, init_file: str, config_dict: dict, hp: dict) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        _train_loop(rank, world, ARPGConfig.from_dict(config_dict), hp)
-        dist.barrier()  # tear gloo down together (see train)
-    finally:
-        dist.destroy_process_group()
+    return TrainConfig(
+        model=digits_config(dim=dim, n_layer=n_layer, n_head=n_head, rope_base=rope_base), steps=steps,
+        global_batch=batch_size, lr=lr, lr_ref_batch=None, warmup=warmup, weight_decay=weight_decay, ema=ema,
+        init_std=init_std, optimizer=optimizer, muon_lr=muon_lr, input_noise=input_noise, seed=seed,
+        log_every=log_every)
 
 
 def train(
@@ -320,69 +171,54 @@ def train(
     storage_dtype: torch.dtype = torch.float16,
     log=print,
 ) -> tuple[ARPG, dict]:
-    """Train an ARPG on the digits' training split; returns (model in eval mode, info).
+    """Train an ARPG on the digits' training split with `arpg.train` (`digits_recipe`); returns (model
+    in eval mode, info).
 
-    The defaults are the recipe of the shipped checkpoint. Every step takes `batch_size` training digits
-    (epochs shuffled by `seed`) through `ARPG.forward`: each sample its own random order, class dropout
-    0.1, cross-entropy over all 64 positions. `_optimizers` gives Muon on the hidden matrices + AdamW on
-    the rest (or AdamW alone); linear warmup then cosine to lr/10, grad-norm clip 1.
-    `procs` > 1 splits every batch over that many single-threaded processes (data parallel over gloo;
-    on a small CPU this beats intra-op threads, whose spinning on tiny ops costs more than it gives).
-    The result is deterministic for a given `seed` and `procs`. With `ema` > 0 the returned (and saved)
-    weights are an exponential moving average. The weights are written to `out` (if given) with their
-    config, stored in `storage_dtype`, and the training facts next to them (`.json`).
+    The defaults are the recipe of the shipped checkpoint. `procs` > 1 runs that many single-threaded
+    processes under torchrun (data parallel over gloo; on a small CPU this beats intra-op threads, whose
+    spinning on tiny ops costs more than it gives); the result is the same as one process's up to the
+    order of float reductions. The weights are written to `out` (if given) with their config, stored in
+    `storage_dtype`, and the training facts next to them (`.json`). Inside a torchrun world (WORLD_SIZE
+    set) this process is one rank of it, and rank 0 writes.
     """
     import resource
+    import tempfile
 
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if batch_size < 1 or procs < 1 or batch_size % procs:
+    from . import train as T
+
+    recipe = digits_recipe(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                           dim=dim, n_layer=n_layer, n_head=n_head, ema=ema, init_std=init_std, rope_base=rope_base,
+                           optimizer=optimizer, muon_lr=muon_lr, input_noise=input_noise, seed=seed,
+                           log_every=log_every)
+    recipe.validate()
+    if procs < 1 or batch_size % procs:
         raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of procs ({procs})")
-    if optimizer not in ("adamw", "muon"):
-        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-    if not (lr > 0 and muon_lr > 0 and warmup >= 0 and weight_decay >= 0 and 0 <= ema < 1 and 0 <= input_noise < 1):
-        raise ValueError(f"need lr > 0, muon_lr > 0, warmup >= 0, weight_decay >= 0, 0 <= ema < 1 and "
-                         f"0 <= input_noise < 1; got lr={lr}, muon_lr={muon_lr}, warmup={warmup}, "
-                         f"weight_decay={weight_decay}, ema={ema}, input_noise={input_noise}")
-    if threads:
-        torch.set_num_threads(int(threads))
-    config = digits_config(dim=dim, n_layer=n_layer, n_head=n_head, rope_base=rope_base)
-    hp = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-          "ema": ema, "init_std": init_std, "optimizer": optimizer, "muon_lr": muon_lr, "input_noise": input_noise,
-          "seed": seed,
-          "log_every": log_every}
     t0, c0 = time.perf_counter(), time.process_time()
     ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if procs == 1:
-        model, running = _train_loop(0, 1, config, hp, log)
-    else:
-        import tempfile
-
-        import torch.distributed as dist
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
+    in_world = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if procs > 1 and not in_world:
         with tempfile.TemporaryDirectory() as tmp:
-            init_file = os.path.join(tmp, "pg")
-            workers = [ctx.Process(target=_dp_worker, args=(r, procs, init_file, config.to_dict(), hp), daemon=True)
-                       for r in range(1, procs)]
-            for w in workers:
-                w.start()
-            prev = torch.get_num_threads()
-            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=procs)
-            try:
-                model, running = _train_loop(0, procs, config, hp, log)
-                # All ranks leave the group together: a worker whose peer had already torn gloo down
-                # aborted once in teardown ("terminate called without an active exception").
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
-                torch.set_num_threads(prev)
-                for w in workers:
-                    w.join()
-            bad = [w.exitcode for w in workers if w.exitcode != 0]
-            if bad:
-                raise RuntimeError(f"a training worker failed (exit codes {bad})")
+            path = os.path.join(tmp, "digits.pt")
+            argv = ["train-digits", "--out", path, "--fp32", "--procs", str(procs)]
+            for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                             dim=dim, n_layer=n_layer, n_head=n_head, ema=ema, init_std=init_std,
+                             rope_base=rope_base, optimizer=optimizer, muon_lr=muon_lr, input_noise=input_noise,
+                             seed=seed, log_every=log_every).items():
+                argv += ["--" + k.replace("_", "-"), str(v)]
+            code = T.launch(argv, procs)
+            if code != 0:
+                raise RuntimeError(f"the {procs} training processes failed (exit code {code})")
+            model = load_checkpoint(path, dtype=torch.float32)
+            with open(os.path.join(tmp, "digits.json")) as f:
+                running = json.load(f)["final_train_loss_avg"]
+    else:
+        if threads and not in_world:
+            torch.set_num_threads(int(threads))
+        data = load_split()
+        model, result = T.train(recipe, TensorCodes(data.x_train, data.y_train, source="digits"), log=log)
+        running = result["running_loss"]
+        if in_world and int(os.environ.get("RANK", "0")) != 0:
+            return model, {}
     wall = time.perf_counter() - t0
     ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = time.process_time() - c0 + (ch1.ru_utime - ch0.ru_utime) + (ch1.ru_stime - ch0.ru_stime)
@@ -391,12 +227,15 @@ def train(
     with torch.no_grad():
         g = torch.Generator().manual_seed(1234)
         _, test_loss = model(data.x_test, data.y_test, generator=g)
+    hp = {k: v for k, v in recipe.to_dict().items() if k in (
+        "steps", "lr", "warmup", "weight_decay", "ema", "init_std", "optimizer", "muon_lr", "input_noise", "seed")}
     info = {
-        **{k: v for k, v in hp.items() if k != "log_every"},
-        "procs": procs,
-        "threads_per_proc": 1 if procs > 1 else torch.get_num_threads(),
+        **hp,
+        "batch_size": batch_size,
+        "procs": int(os.environ.get("WORLD_SIZE", procs)),
+        "threads_per_proc": 1 if procs > 1 or in_world else torch.get_num_threads(),
         "params": sum(p.numel() for p in model.parameters()),
-        "config": config.to_dict(),
+        "config": recipe.model.to_dict(),
         "train_wall_s": round(wall, 1),
         "train_cpu_s": round(cpu, 1),
         "final_train_loss_avg": round(running, 4),
@@ -405,7 +244,7 @@ def train(
     }
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-        stored = ARPG(config)
+        stored = ARPG(recipe.model)
         stored.load_state_dict(model.state_dict())
         save_checkpoint(stored.to(storage_dtype), out)
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
@@ -929,7 +768,8 @@ def _train_parser(prog: str = "arpg train-digits") -> argparse.ArgumentParser:
     p.add_argument("--init-std", type=float, default=d["init_std"], help="std of the normal init of linears/embeddings")
     p.add_argument("--input-noise", type=float, default=d["input_noise"],
                    help="fraction of context tokens replaced by random values while training")
-    p.add_argument("--procs", type=int, default=d["procs"], help="data-parallel processes, one thread each")
+    p.add_argument("--procs", type=int, default=d["procs"],
+                   help="data-parallel processes, one thread each, launched under torchrun")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads when --procs 1 (0: leave as is)")
     p.add_argument("--log-every", type=int, default=d["log_every"])
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
@@ -943,8 +783,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                     init_std=a.init_std, rope_base=a.rope_base, optimizer=a.optimizer, muon_lr=a.muon_lr, input_noise=a.input_noise,
                     seed=a.seed, procs=a.procs, threads=a.threads, log_every=a.log_every,
                     storage_dtype=torch.float32 if a.fp32 else torch.float16)
-    print(json.dumps(info, indent=2))
-    print(f"wrote {a.out}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if info:  # rank 0 (or a single process)
+        print(json.dumps(info, indent=2))
+        print(f"wrote {a.out}")
     return 0
 
 

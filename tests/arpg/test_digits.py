@@ -147,14 +147,15 @@ def test_short_training_saves_a_loadable_checkpoint(tmp_path, optimizer):
     assert os.path.exists(str(tmp_path / "d.json"))
 
 
-def test_data_parallel_training_is_deterministic(tmp_path):
-    # Two single-threaded processes (gloo): the same seed gives the same weights, and the ranks stay in step.
-    kw = dict(steps=3, batch_size=8, warmup=1, dim=32, n_layer=2, n_head=1, procs=2, threads=None, log=None)
-    a, info = D.train(out=None, **kw)
-    b, _ = D.train(out=None, **kw)
+def test_data_parallel_training_matches_one_process():
+    # Two single-threaded processes under torchrun (gloo) take the same global batches as one process:
+    # the same weights up to the order of float reductions.
+    kw = dict(steps=3, batch_size=8, warmup=1, dim=32, n_layer=2, n_head=1, threads=None, log=None)
+    one, _ = D.train(out=None, procs=1, **kw)
+    two, info = D.train(out=None, procs=2, **kw)
     assert info["procs"] == 2 and info["threads_per_proc"] == 1
-    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), n
+    for (n, p), q in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_training_lowers_the_loss():
