@@ -4,7 +4,8 @@
 configs, the paged decoding engine (`generate`, `Engine`), editing on the same engine (`inpaint`,
 `outpaint`, `expand`), many callers at once (`GenerationQueue`, continuous batching; `set_cache_budget`),
 the eager oracle (`eager_generate`) and checkpoint I/O. The command line is
-`arpg.cli` (multi-process sampling: `arpg.distributed`).
+`arpg.cli` (multi-process sampling: `arpg.distributed`). Training: `arpg.train` (`arpg train`: one process
+or torchrun, DDP or FSDP2), its datasets `arpg.data_codes`, and `arpg.extract` (`arpg extract-codes`).
 """
 
 from arpg_kernels import __version__

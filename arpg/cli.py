@@ -599,13 +599,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", add_help=False, help="train an ARPG on token codes (torchrun: DDP or FSDP2)")
     sub.add_parser("pack-codes", add_help=False, help="pack a code folder into memory-mapped shards")
     sub.add_parser("extract-codes", add_help=False, help="encode an ImageFolder tree into training codes")
+    sub.add_parser("export-weights", add_help=False, help="write the original's {'model': ...} from a checkpoint")
     sub.add_parser("train-digits", add_help=False, help="train the small ARPG on scikit-learn's digits")
     sub.add_parser("eval-digits", add_help=False, help="measure the digits model against an independent judge")
     return parser
 
 
-_OWN_PARSERS = {"train": ("train", "main"), "pack-codes": ("train", "pack_main"), "extract-codes": ("extract", "main"),
-                "train-digits": ("digits", "train_main"), "eval-digits": ("digits", "eval_main")}
+_OWN_PARSERS = {
+    "train": ("train", "main"),
+    "pack-codes": ("train", "pack_main"),
+    "export-weights": ("train", "export_main"),
+    "extract-codes": ("extract", "main"),
+    "train-digits": ("digits", "train_main"),
+    "eval-digits": ("digits", "eval_main"),
+}
 
 
 def main(argv=None) -> int:

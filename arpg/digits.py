@@ -501,7 +501,9 @@ def evaluate(
     """
     if threads:
         torch.set_num_threads(int(threads))
+    source = None  # the file the model came from (None: a model passed in)
     if model is None:
+        source = ckpt or SHIPPED_CHECKPOINT
         model = load_digits_model(ckpt)
     model = model.float().eval()
     data = load_split()
@@ -511,6 +513,7 @@ def evaluate(
                               "temperature": temperature, "edit_steps": edit_steps, "edit_cfg": edit_cfg,
                               "n_edit": int(data.x_test[:n_edit].shape[0]) if n_edit else None,
                               "seed": seed, "threads": torch.get_num_threads(), "schedule": "arccos",
+                              "checkpoint": source,
                               "judge": "LogisticRegression(C=1) on pixels/16, train split",
                               "kernels": _cpu_kernels(),
                               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}}
@@ -628,9 +631,16 @@ def _write_outputs(res, out_dir, model, data, samples, edit_pics, have_edit, tem
         return _fmt_table(["steps"] + [f"CFG {g:g}" for g in cfg_l], [[s] + [by[(s, g)][key] for g in cfg_l] for s in steps_l])
 
     st = res["settings"]
-    info_path = os.path.splitext(SHIPPED_CHECKPOINT)[0] + ".json"
+    ckpt = st.get("checkpoint")
+    if ckpt is None:
+        made_by = "a model passed to `evaluate()`"
+    elif os.path.abspath(ckpt) == os.path.abspath(SHIPPED_CHECKPOINT):
+        made_by = "the shipped checkpoint `arpg/data/digits_arpg.safetensors` (made by `python -m arpg.digits train`)"
+    else:
+        made_by = f"the checkpoint `{ckpt}`"
+    info_path = os.path.splitext(ckpt)[0] + ".json" if ckpt else ""  # train() writes the training facts there
     train_info = ""
-    if os.path.exists(info_path):
+    if info_path and os.path.exists(info_path):
         with open(info_path) as f:
             ti = json.load(f)
         c = ti["config"]
@@ -643,8 +653,7 @@ def _write_outputs(res, out_dir, model, data, samples, edit_pics, have_edit, tem
     md = [
         "# ARPG on scikit-learn's 8x8 digits",
         "",
-        "Produced by `python -m arpg.digits eval` (`arpg eval-digits`) with the shipped checkpoint "
-        "`arpg/data/digits_arpg.safetensors` (made by `python -m arpg.digits train`).",
+        f"Produced by `python -m arpg.digits eval` (`arpg eval-digits`) with {made_by}.",
         "",
         train_info
         + f"Judge: {st['judge']}; it never sees generated data. Generation: arccos schedule, temperature "
@@ -783,14 +792,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                     init_std=a.init_std, rope_base=a.rope_base, optimizer=a.optimizer, muon_lr=a.muon_lr, input_noise=a.input_noise,
                     seed=a.seed, procs=a.procs, threads=a.threads, log_every=a.log_every,
                     storage_dtype=torch.float32 if a.fp32 else torch.float16)
-    import torch.distributed as dist
+    from .distributed import exit_distributed
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
     if info:  # rank 0 (or a single process)
         print(json.dumps(info, indent=2))
         print(f"wrote {a.out}")
-    return 0
+    return exit_distributed(0)
 
 
 def default_out_dir() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from .engine import generate
 
-__all__ = ["init_distributed", "batch_seed", "class_labels", "sample_distributed"]
+__all__ = ["init_distributed", "exit_distributed", "batch_seed", "class_labels", "sample_distributed"]
 
 
 def init_distributed(device=None) -> tuple[int, int, torch.device]:
@@ -38,6 +39,27 @@ def init_distributed(device=None) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def exit_distributed(code: int) -> int:
+    """End a command that ran as one rank of a torchrun world: all ranks meet, the group is destroyed,
+    and the process exits at once with `code` (its files are closed by then).
+
+    Skipping the interpreter's teardown is deliberate: gloo's worker threads can still hold work objects
+    that reference tensors, and freeing them during interpreter finalization aborts the process
+    ("terminate called without an active exception"; pytorch/pytorch#179291), which turns a finished
+    run into a failed one. A process without a group just returns `code`.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    try:
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def batch_seed(seed: int, index: int) -> int:

@@ -194,18 +194,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda or cpu")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    from .distributed import init_distributed
-
-    import torch.distributed as dist
+    from .distributed import exit_distributed, init_distributed
 
     _, _, device = init_distributed(None if a.device == "auto" else a.device)
     try:
         vq = load_vq(a.vq, config=VQ_CONFIGS[a.vq_config], device=device)
         done = extract_codes(a.images, a.out, vq, a.image_size, a.aug, a.layout, a.batch, progress=not a.no_progress)
     except (ExtractError, VQCheckpointError, FileNotFoundError, ValueError) as e:
-        p.exit(2, f"arpg extract-codes: error: {e}\n")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        print(f"arpg extract-codes: error: {e}", file=sys.stderr)
+        return exit_distributed(2)
     print(f"encoded {done:,} images into {a.out}", file=sys.stderr)
-    return 0
+    return exit_distributed(0)

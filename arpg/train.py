@@ -47,7 +47,7 @@ from .data_codes import CodeDataError, TensorCodes, open_codes, pack_codes
 from .model import ARPG
 
 __all__ = ["TrainConfig", "TrainError", "train", "launch", "latest_checkpoint", "export_weights", "Muon",
-           "lr_at", "main", "pack_main"]
+           "lr_at", "main", "pack_main", "export_main"]
 
 CKPT_DIR = "checkpoints"
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "images_per_s", "mem_mib", "wall_s"]
@@ -453,8 +453,9 @@ def train(
     out: the run folder (None: no files: no checkpoints, no log). resume: continue from its latest
     checkpoint (it must exist and be of the same recipe). on_step(step, loss): called on rank 0 after
     every step with the global mean loss of that step (the loss is reduced every step when given).
-    The returned info holds `losses` ([step, loss] at every logged step), the final running loss
-    (`running_loss`, an exponential average over steps), wall time and tokens/s.
+    The returned info holds `losses` ([step, loss] at every logged step), `log_rows` (the log's rows,
+    with the steps and seconds each covers), the final running loss (`running_loss`, an exponential
+    average over steps), wall time and tokens/s.
     """
     cfg.validate()
     ctx = _context(device, log)
@@ -521,7 +522,7 @@ def train(
     # Loss statistics stay on the device between log lines (no host sync per step); `running` is an
     # exponential average over every step, reduced over the ranks at the end.
     running = interval = None
-    losses = []
+    losses, log_rows = [], []
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     for step in range(step0, cfg.steps):
@@ -573,6 +574,7 @@ def train(
                    "tokens_per_s": rate * cfg.global_batch * seq, "images_per_s": rate * cfg.global_batch,
                    "mem_mib": _memory_mib(ctx.device), "wall_s": now - t_start}
             losses.append([step + 1, mean])
+            log_rows.append({**row, "steps": steps_since_log, "seconds": now - t_log})
             if rank == 0 and out is not None:
                 _append_log(os.path.join(out, "log.csv"), row)
             if ctx.log:
@@ -594,7 +596,8 @@ def train(
     steps_run = cfg.steps - step0
     info = {"steps": cfg.steps, "steps_run": steps_run, "world": world, "strategy": cfg.strategy if world > 1 else "single",
             "wall_s": wall, "tokens_per_s": steps_run * cfg.global_batch * seq / max(wall, 1e-9),
-            "running_loss": None if running is None else float(_mean_over_ranks(running, world)), "losses": losses}
+            "running_loss": None if running is None else float(_mean_over_ranks(running, world)), "losses": losses,
+            "log_rows": log_rows}
     return model.eval(), info
 
 
@@ -850,16 +853,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.procs > 1 and "WORLD_SIZE" not in os.environ:
         return launch(["train", *_strip_procs(argv)], a.procs)
+    from .distributed import exit_distributed
+
     try:
         cfg = config_from_args(a)
         train(cfg, _open_data(a.data), out=a.out, resume=a.resume, device=a.device)
     except (TrainError, CodeDataError) as e:
         if a.debug:
             raise
-        p.exit(2, f"arpg train: error: {e}\n")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        print(f"arpg train: error: {e}", file=sys.stderr)
+        return exit_distributed(2)
+    return exit_distributed(0)
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="arpg export-weights", description=(
+        "Write {'model': weights, 'config', 'arch'} (the original's format) from a checkpoint of arpg train."))
+    p.add_argument("checkpoint", help="a checkpoints/step-NNNNNNN.pt file or FSDP2 folder")
+    p.add_argument("out", help="the .pt file to write (must not exist)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default, when kept) or raw")
+    a = p.parse_args(argv)
+    from .checkpoint import CheckpointError
+
+    if os.path.exists(a.out):
+        p.exit(2, f"arpg export-weights: error: {a.out} already exists; not overwriting it\n")
+    try:
+        export_weights(a.checkpoint, a.out, a.weights)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        p.exit(2, f"arpg export-weights: error: {e}\n")
+    print(f"wrote {a.out}")
     return 0
 
 

@@ -186,3 +186,21 @@ def test_serving_benchmark_writes_a_record(tmp_path, monkeypatch):
     # The latencies of one server taking requests in arrival order, from service times alone.
     lat, span = serving._sequential_latencies([1.0, 1.0, 0.5], [0.0, 0.5, 5.0])
     assert lat == [1.0, 1.5, 0.5] and span == 5.5
+
+
+def test_training_benchmark_writes_a_record(tmp_path, monkeypatch):
+    from arpg.bench import training
+
+    monkeypatch.setattr(
+        generation, "CPU_CONFIG",
+        ARPGConfig(dim=32, n_layer=2, n_head=1, vocab_size=16, num_classes=4, grid_size=4, ffn_multiple_of=32),
+    )
+    record = Record(tmp_path / "results.csv", "cpu")
+    out = training.bench_training(record, torch.device("cpu"), dict(model="cpu-tiny", batch=4, steps=6, warmup=2,
+                                                                    compile=[False]))
+    assert out[0]["tokens_per_s"] > 0 and out[0]["peak_mib"] > 0
+    rows = read_rows(tmp_path / "results.csv")
+    assert {r["metric"] for r in rows} == {"tokens_per_s", "images_per_s", "peak_mib"}
+    assert {int(json.loads(r["config"])["steps"]) for r in rows} == {4}  # the warm-up's 2 steps left out
+    summary = plot.summary_markdown(rows)
+    assert "## Training" in summary and "| arpg.train |" in summary

@@ -175,6 +175,7 @@ def summary_markdown(rows: list[dict]) -> str:
         lines += _step_profile_lines([r for r in gen if r["name"] == "step_profile"])
         lines.append("")
     lines += _serving_lines([r for r in rows if r["bench"] == "serving"])
+    lines += _training_lines([r for r in rows if r["bench"] == "training"])
     kernel_metrics = ("latency", "bandwidth", "bandwidth_fraction")
     kern = [r for r in rows if r["bench"] == "kernels" and r["metric"] in kernel_metrics]
     if kern:
@@ -218,6 +219,20 @@ def _serving_lines(rows: list[dict]) -> list[str]:
         if provider == "ratio" and "ratio_queue/sequential" in m:
             lines.append(f"\nqueue / sequential images/s: {fmt(float(m['ratio_queue/sequential']['median']))}x "
                          f"({_short(cfg)})")
+    return lines + [""]
+
+
+def _training_lines(rows: list[dict]) -> list[str]:
+    """The trainer's step on random codes (arpg/bench/training.py)."""
+    if not rows:
+        return []
+    table = defaultdict(dict)
+    for r in rows:
+        table[(r["config"], r["provider"])][r["metric"]] = r
+    lines = ["## Training\n", "| config | provider | tokens/s | images/s | peak MiB |", "|" + "---|" * 5]
+    for (cfg, provider), m in table.items():
+        cells = [_cell(m, k) for k in ("tokens_per_s", "images_per_s", "peak_mib")]
+        lines.append(f"| {_short(cfg)} | {provider} | {' | '.join(cells)} |")
     return lines + [""]
 
 

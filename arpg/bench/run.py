@@ -14,7 +14,7 @@ import torch
 
 from arpg.outputs import new_run_dir, slug
 
-from . import generation, kernels, serving
+from . import generation, kernels, serving, training
 from .common import Budget, Record, device_name
 from .generation import GENERATION_BUDGET
 from .plot import MAX_SPREAD, make_plots, run_warnings, summary_markdown
@@ -36,7 +36,9 @@ arpg-bench: the project's main job. Measures on this machine:
               TFLOP/s; dense causal attention forward+backward against SDPA;
   serving     a Poisson stream of requests of mixed sizes, steps and guidance served by GenerationQueue
               (continuous batching) against one generate call per request in arrival order: images/s,
-              p50/p95 latency, memory."""
+              p50/p95 latency, memory;
+  training    tokens/s, images/s and peak memory of arpg.train's step on random codes, one process
+              (a GPU: ARPG-L at batch 32, bf16)."""
     paragraphs = [
         f"Each timing repeats until its median is stable, and reports its spread (interquartile range over the "
         f"median). A kernel timing takes at least {cpu.min_reps} calls and {cpu.min_time_s:g} s on a CPU "
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default=default_device,
                         help=f"torch device to measure (default: cuda when available, else cpu; here {default_device})")
-    parser.add_argument("--only", choices=["generation", "kernels", "serving"], default=None,
-                        help="run one of the three parts (default: all)")
+    parser.add_argument("--only", choices=["generation", "kernels", "serving", "training"], default=None,
+                        help="run one of the four parts (default: all)")
     parser.add_argument("--rate", type=float, default=None,
                         help="serving: requests per second (default: twice what one call at a time serves, "
                              "measured in the first pass)")
@@ -136,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
               f"1-{stream['max_images']} images, {stream['model']})")
         serving.bench_serving(record, device, torch.bfloat16 if device.type == "cuda" else torch.float32, stream,
                               rate=args.rate)
+    if args.only in (None, "training"):
+        grid = dict(training.CPU_TRAINING if quick_grid else training.GPU_TRAINING)
+        if args.models:
+            grid["model"] = args.models.split(",")[0]
+        print(f"training: tokens/s of arpg.train's step ({grid['model']}, batch {grid['batch']}, one process)")
+        training.bench_training(record, device, grid)
     if args.only in (None, "kernels"):
         print("kernels: paged_attention per provider, dense attention fwd+bwd")
         kernels.run(record, device, quick_grid, progress_factory=None if quick_grid else progress_factory)

@@ -253,14 +253,19 @@ def test_export_writes_the_published_format(tmp_path):
         assert set(obj) == {"model", "config", "arch"}
         assert_same_weights(arpg.load_checkpoint(out).state_dict(), arpg.load_checkpoint(ckpt, key=key).state_dict(),
                             atol=0)
+    # The command line: the same file; it never overwrites one.
+    assert T.export_main([ckpt, str(tmp_path / "cli.pt"), "--weights", "raw"]) == 0
+    assert_same_weights(arpg.load_checkpoint(str(tmp_path / "cli.pt")).state_dict(),
+                        arpg.load_checkpoint(ckpt).state_dict(), atol=0)
+    with pytest.raises(SystemExit) as e:
+        T.export_main([ckpt, str(tmp_path / "cli.pt")])
+    assert e.value.code == 2
     # The run's final.pt is the EMA weights, in the same format.
     assert_same_weights(final_weights(run), arpg.load_checkpoint(ckpt, key="ema").state_dict(), atol=0)
 
 
 def _cli_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        T.main(argv)
-    assert e.value.code == 2
+    assert T.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
@@ -304,3 +309,14 @@ def test_recipe_validation_names_the_field():
             T.train(recipe(**kw), data, log=None)
     with pytest.raises(ValueError, match="token_dropout"):
         dataclasses.replace(TINY, token_dropout=1.0)
+
+
+def test_compile_and_bf16_autocast_train_the_same_model(tmp_path):
+    data = open_codes(make_codes(tmp_path / "codes", per_class=1))
+    cfg = recipe(steps=3, global_batch=8)
+    _, eager = T.train(cfg, data, log=None)
+    _, bf16 = T.train(dataclasses.replace(cfg, precision="bf16"), data, log=None)  # CPU autocast here
+    assert_same_losses(eager["losses"], bf16["losses"], tol=2e-2)
+    model, compiled = T.train(dataclasses.replace(cfg, compile=True), data, log=None)
+    assert_same_losses(eager["losses"], compiled["losses"])
+    assert "_orig_mod" not in "".join(model.state_dict())  # compiled in place: the plain names
