@@ -483,6 +483,8 @@ def train(
             raise TrainError(f"{out} already holds a run; pass resume=True (--resume) or another folder")
     elif resume:
         raise TrainError("resume needs the run folder (out)")
+    if world > 1:
+        dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
 
     # The same initial weights on every rank, then each rank's own dropout RNG.
     torch.manual_seed(cfg.seed)
