@@ -128,7 +128,7 @@ class CodeFolder(_Codes):
                 raise CodeDataError(f"{sub}: class folders must be named by their integer label") from None
             for dirpath, _, fnames in sorted(os.walk(sub, followlinks=True)):
                 for f in sorted(fnames):
-                    if f.endswith(".npy"):
+                    if f.endswith(".npy") and ".tmp" not in f:  # not a killed writer's leftover
                         files.append(os.path.join(dirpath, f))
                         labels.append(label)
         if not files:

@@ -9,6 +9,7 @@ by round (one batch per rank per round), so no rank holds more than a round of o
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import sys
@@ -37,7 +38,9 @@ def init_distributed(device=None) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A long timeout: rank 0 alone packs codes or writes a multi-GB checkpoint while the others wait
+        # at a barrier, which can outlast the default 10 minutes of NCCL.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -99,8 +99,12 @@ def augmented_crops(path: str, image_size: int, aug: str) -> np.ndarray:
 
 
 def _save_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, arr)
+    # The temporary name must not end in .npy: a killed run's leftover would read as a sample.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -133,8 +137,8 @@ def extract_codes(
         raise ExtractError(f"image_size {image_size} must be a positive multiple of the tokenizer's {f} pixels")
     if batch_size < 1:
         raise ExtractError(f"batch_size must be >= 1, got {batch_size}")
-    if layout == "packed" and os.path.exists(os.path.join(out, "meta.json")):
-        raise ExtractError(f"{out}: already a packed code folder; not overwriting it")
+    if layout == "packed" and os.path.exists(out):
+        raise ExtractError(f"{out}: already exists; the packed layout is written into a new folder")
     items, classes = list_images(images)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     loose = out + ".loose" if layout == "packed" else out

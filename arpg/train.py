@@ -133,7 +133,8 @@ class TrainConfig:
 
 
 # Fields that may change when a run resumes: they do not change the computation of a step.
-_RESUMABLE_CHANGES = ("steps", "ckpt_every", "keep", "log_every", "compile", "micro_batch", "strategy")
+# (Not steps: the cosine schedule's length is the run's step count.)
+_RESUMABLE_CHANGES = ("ckpt_every", "keep", "log_every", "compile", "micro_batch", "strategy")
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -317,14 +318,35 @@ def _torch_save(obj, path: str) -> None:
     _write_atomic(path, write)
 
 
-def _prune(out: str, keep: int) -> None:
+def _step_of(name: str) -> int:
+    return int(name[len("step-"):].split(".")[0])
+
+
+def _checkpoint_names(root: str) -> list:
+    return sorted((n for n in os.listdir(root) if n.startswith("step-") and ".tmp" not in n), key=_step_of)
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _prune(out: str, keep: int, latest: str) -> None:
+    """Keep the `keep` newest checkpoints up to and including `latest` (never `latest` itself)."""
     if not keep:
         return
     root = os.path.join(out, CKPT_DIR)
-    names = sorted(n for n in os.listdir(root) if n.startswith("step-") and ".tmp" not in n)
-    for name in names[:-keep]:
-        path = os.path.join(root, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    older = [n for n in _checkpoint_names(root) if _step_of(n) <= _step_of(latest)]
+    for name in older[:-keep]:
+        _remove(os.path.join(root, name))
+
+
+def _drop_newer(out: str, step: int) -> None:
+    """Remove what a killed run left newer than the checkpoint it resumes from: checkpoints saved after
+    `latest` was last written (killed between the two renames) and half-written temporaries."""
+    root = os.path.join(out, CKPT_DIR)
+    for name in os.listdir(root):
+        if name.startswith("step-") and (".tmp" in name or _step_of(name) > step):
+            _remove(os.path.join(root, name))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -347,12 +369,15 @@ def export_weights(checkpoint: str, out: str, weights: str = "ema") -> None:
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    from .checkpoint import CheckpointError
+
     try:
         sd, meta = load_state_dict_file(checkpoint, key="ema" if weights == "ema" else "model")
-    except Exception:
-        if weights != "ema":
+    except CheckpointError as e:
+        absent = "no state dict under 'ema'" in str(e) or "no 'ema' weights" in str(e)
+        if weights != "ema" or not absent:
             raise
-        sd, meta = load_state_dict_file(checkpoint, key="model")  # a run without an EMA
+        sd, meta = load_state_dict_file(checkpoint, key="model")  # a run that kept no EMA
     _torch_save({"model": sd, "config": meta.get("config"), "arch": meta.get("arch", "arpg")}, out)
 
 
@@ -508,6 +533,8 @@ def train(
         step0 = _load_state(start_ckpt, model, opts, ema, names, stream, sample_gen, ctx, fsdp)
     if out is not None and rank == 0:
         os.makedirs(os.path.join(out, CKPT_DIR), exist_ok=True)
+        if start_ckpt is not None:
+            _drop_newer(out, step0)
         _write_text(os.path.join(out, "run.json"), json.dumps(cfg.to_dict(), indent=2))
         _trim_log(os.path.join(out, "log.csv"), step0)
     if world > 1:
@@ -665,7 +692,8 @@ def _gather_rng(ctx: _Ctx) -> list:
 
 
 def _trainer_state(step, stream, sample_gen, cfg, ctx) -> dict:
-    return {"step": step, "data": stream.state(), "sample_gen": sample_gen.get_state(), "rng": _gather_rng(ctx),
+    return {"step": step, "data": {**stream.state(), "n": stream.n}, "sample_gen": sample_gen.get_state(),
+            "rng": _gather_rng(ctx),
             "world": ctx.world, "train_config": cfg.to_dict(), "config": cfg.model.to_dict(), "arch": "arpg"}
 
 
@@ -687,6 +715,8 @@ def _save_state(out, step, model, opts, ema, names, stream, sample_gen, cfg, ctx
         dcp.save(sd, checkpoint_id=tmp)
         if ctx.rank == 0:
             _torch_save(state, os.path.join(tmp, "trainer.pt"))
+            if os.path.exists(os.path.join(root, name)):  # left by a run killed before `latest` named it
+                shutil.rmtree(os.path.join(root, name))
             os.replace(tmp, os.path.join(root, name))
     elif ctx.rank == 0:
         state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -697,7 +727,7 @@ def _save_state(out, step, model, opts, ema, names, stream, sample_gen, cfg, ctx
         name += ".pt"
     if ctx.rank == 0:
         _write_text(os.path.join(root, "latest"), name + "\n")
-        _prune(out, cfg.keep)
+        _prune(out, cfg.keep, name)
     if ctx.world > 1:
         dist.barrier()
 
@@ -720,7 +750,7 @@ def _load_state(path, model, opts, ema, names, stream, sample_gen, ctx, fsdp) ->
     else:
         if fsdp:
             raise TrainError(f"{path} is a single-process or DDP checkpoint; resume it with strategy 'ddp'")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no copy per rank
         model.load_state_dict(state["model"])
         for o, s in zip(opts, state["optimizer"]):
             o.load_state_dict(s)
@@ -728,6 +758,9 @@ def _load_state(path, model, opts, ema, names, stream, sample_gen, ctx, fsdp) ->
             with torch.no_grad():
                 for n, e in zip(names, ema):
                     e.copy_(state["ema"][n])
+    if state["data"].get("n", stream.n) != stream.n:
+        raise TrainError(f"{path} was written over a dataset of {state['data']['n']:,} samples, this one has "
+                         f"{stream.n:,}: the data order would not continue; nothing was changed")
     stream.load(state["data"])
     sample_gen.set_state(state["sample_gen"])
     if len(state["rng"]) == ctx.world:

@@ -82,7 +82,9 @@ def test_resume_skips_done_images_and_packed_layout_reads_the_same(tree, vq, tmp
     out = str(tmp_path / "codes")
     assert X.extract_codes(tree, out, model, SIZE, "flip") == 5
     os.remove(os.path.join(out, "1", "2.npy"))
+    open(os.path.join(out, "1", "2.npy.tmp-99"), "wb").close()  # what a kill during a write leaves
     assert X.extract_codes(tree, out, model, SIZE, "flip") == 1  # only the missing one
+    assert len(CodeFolder(out)) == 5  # the leftover is not a sample
     packed = str(tmp_path / "packed")
     assert X.main(["--images", tree, "--out", packed, "--vq", path, "--vq-config", "VQ-tiny", "--image-size",
                    str(SIZE), "--layout", "packed", "--device", "cpu", "--no-progress"]) == 0

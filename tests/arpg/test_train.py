@@ -211,6 +211,24 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert_same_weights(final_weights(run), final_weights(full), atol=0)
 
 
+def test_resume_drops_checkpoints_newer_than_latest(tmp_path):
+    # Killed between renaming a checkpoint into place and rewriting `latest`: the newer files are dropped,
+    # and keep=1 never deletes the checkpoint `latest` names.
+    data = open_codes(make_codes(tmp_path / "codes"))
+    full = str(tmp_path / "full")
+    T.train(recipe(ckpt_every=2, keep=0), data, out=full, log=None)
+    run = str(tmp_path / "run")
+    shutil.copytree(full, run)
+    os.remove(os.path.join(run, "final.pt"))
+    with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
+        f.write("step-0000002.pt\n")
+    open(os.path.join(run, "checkpoints", "step-0000004.pt.tmp-77"), "wb").close()
+    T.train(recipe(ckpt_every=2, keep=1), data, out=run, resume=True, log=None)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step-0000006.pt"]
+    assert losses(run) == losses(full)
+    assert_same_weights(final_weights(run), final_weights(full), atol=0)
+
+
 @pytest.mark.parametrize("layout", ["folder", "packed"])
 def test_loss_falls_with_the_original_regularisation(tmp_path, layout):
     data = make_codes(tmp_path / "codes", per_class=4)
@@ -295,6 +313,11 @@ def test_bad_input_is_named_and_nothing_is_overwritten(tmp_path, capsys):
     assert "another config" in err and "lr 0.0001 vs 0.5" in err
     err = _cli_error(capsys, ["--data", good, "--out", run, *base, "--token-dropout", "0.2", "--resume"])
     assert "another config" in err and "model.token_dropout 0.1 vs 0.2" in err
+    err = _cli_error(capsys, ["--data", good, "--out", run, *base[:2], "--steps", "3", *base[4:], "--resume"])
+    assert "another config" in err and "steps 2 vs 3" in err  # the cosine schedule's length
+    more = make_codes(tmp_path / "more", per_class=2)
+    assert "dataset of 10 samples, this one has 20" in _cli_error(capsys, ["--data", more, "--out", run, *base,
+                                                                           "--resume"])
     assert "no checkpoint to resume" in _cli_error(capsys, ["--data", good, "--out", str(tmp_path / "new"), *base,
                                                             "--resume"])
     assert before == {n: open(os.path.join(run, n), "rb").read() for n in ("run.json", "final.pt")}
