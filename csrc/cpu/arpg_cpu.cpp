@@ -21,6 +21,10 @@
 #include "arpg/cpu/merge_states.h"
 #include "arpg/cpu/paged_attention.h"
 
+// c10::BFloat16 holds bfloat16 bits: the kernel may multiply them raw (AVX512_BF16).
+template <>
+struct arpg::cpu::IsBFloat16<c10::BFloat16> : std::true_type {};
+
 namespace arpg {
 namespace {
 

@@ -60,6 +60,13 @@ struct BF16 {
   explicit operator float() const { return FromBits(static_cast<uint32_t>(bits) << 16); }
 };
 
+}  // namespace
+
+template <>
+struct arpg::cpu::IsBFloat16<BF16> : std::true_type {};
+
+namespace {
+
 // IEEE binary16, rounded to nearest even (subnormals included).
 struct Half {
   uint16_t bits = 0;
@@ -156,6 +163,12 @@ std::vector<std::pair<const char*, BlockFn<T>>> Paths() {
   paths.push_back({"baseline", &arpg::cpu::PagedAttentionBlockBaseline<T>});
 #ifdef ARPG_CPU_HAS_AVX2_PATH
   if (arpg::cpu::CpuHasAvx2Fma()) paths.push_back({"avx2", &arpg::cpu::PagedAttentionBlockAvx2<T>});
+#endif
+#ifdef ARPG_CPU_HAS_AVX512_PATH
+  if (arpg::cpu::CpuHasAvx512()) paths.push_back({"avx512", &arpg::cpu::PagedAttentionBlockAvx512<T>});
+  if (arpg::cpu::CpuHasAvx512() && arpg::cpu::CpuHasAvx512Bf16()) {
+    paths.push_back({"avx512-bf16", &arpg::cpu::PagedAttentionBlockAvx512Bf16<T>});
+  }
 #endif
   paths.push_back({"dispatch", &arpg::cpu::PagedAttentionBlock<T>});
   return paths;
