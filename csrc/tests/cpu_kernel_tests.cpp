@@ -4,8 +4,9 @@
 // construction from float; it accepts every head dim, padding it to a multiple of 8 internally).
 //
 // Each attention case runs through every code path the header has on this CPU (the baseline build and,
-// on x86-64 with AVX2 + FMA, the AVX2 clone), with its work items (sequence, KV head, block of queries)
-// called in shuffled order on one reused scratch, like csrc/cpu/arpg_cpu.cpp does from its threads.
+// on x86-64, the AVX2 clone, the AVX-512 path and its AVX512_BF16 variant where the CPU has them), with its
+// work items (sequence, KV head, block of queries) called in shuffled order on one reused scratch, like
+// csrc/cpu/arpg_cpu.cpp does from its threads.
 // Buffers are exactly sized heap allocations (AddressSanitizer sees overruns), unused cache slots and
 // padding hold NaN, padding of the outputs holds a sentinel that must stay untouched.
 //
