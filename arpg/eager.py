@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .engine import draw_order, make_plan
 from .model import ARPG, apply_rope
-from .sampling import guide, make_generator, sample
+from .sampling import make_generator, sample
 
 __all__ = ["eager_generate"]
 
@@ -114,10 +114,10 @@ def eager_generate(
         logits = _eager_step(model, tokens, rope[pos_in], rope[targets + 1], st.n_q, caches)
         if return_logits:
             all_logits.append(logits.clone())
-        if use_cfg:
-            logits = guide(logits[:bsz], logits[bsz:], st.cfg)
         if teacher_tokens is not None:
             sampled = teacher_tokens.index_select(1, targets)
+        elif use_cfg:
+            sampled = sample(logits[:bsz], temperature, top_k, top_p, gen, uncond=logits[bsz:], cfg_scale=st.cfg)
         else:
             sampled = sample(logits, temperature, top_k, top_p, gen)
         out.index_copy_(1, targets, sampled)

@@ -25,7 +25,7 @@ from torch.profiler import record_function
 import arpg_kernels as ak
 
 from .model import PagedBatch
-from .sampling import cfg_scales, guide, make_generators, sample, token_schedule
+from .sampling import cfg_scales, draw_uniforms, make_generators, sample, token_schedule
 
 __all__ = [
     "CacheBudgetError",
@@ -264,16 +264,15 @@ def _graph_step(graphs: dict, key, model, cache, pool, max_pages, device, tokens
     return runner(tokens, pos_in, pos_q, batch)
 
 
-def _sample(logits, q_counts, temperature, top_k, top_p, generator) -> torch.Tensor:
-    """Sample every query; with a list of generators each sample (q_counts[i] queries) draws from its own."""
-    if not isinstance(generator, (list, tuple)):
-        return sample(logits, temperature, top_k, top_p, generator)
-    parts, start = [], 0
-    for g, n in zip(generator, q_counts):
-        if n:
-            parts.append(sample(logits[start : start + n], temperature, top_k, top_p, g))
-        start += n
-    return torch.cat(parts)
+def _sample(logits, q_counts, temperature, top_k, top_p, generator, uncond=None, cfg=None) -> torch.Tensor:
+    """Sample every query (guided by uncond and cfg [T_q, 1] when given) in one op; with a list of
+    generators each sample (q_counts[i] queries) draws its uniforms from its own."""
+    uniforms = None
+    if isinstance(generator, (list, tuple)):
+        if temperature > 0:
+            uniforms = torch.cat([draw_uniforms(n, g, logits.device) for g, n in zip(generator, q_counts)])
+        generator = None
+    return sample(logits, temperature, top_k, top_p, generator, uncond=uncond, cfg_scale=cfg, uniforms=uniforms)
 
 
 def _row_bytes(model, page_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
@@ -564,10 +563,12 @@ class Engine:
                     if return_logits:
                         all_logits.append(logits.clone())
                     with region("arpg.sample"):
-                        if use_cfg:
-                            logits = guide(*logits.chunk(2), inp.cfg)
                         if teacher_tokens is not None:
                             sampled = teacher_tokens.index_select(0, inp.out_index)
+                        elif use_cfg:
+                            cond, uncond = logits.chunk(2)
+                            sampled = _sample(cond, inp.q_counts, temperature, top_k, top_p, generator, uncond,
+                                              inp.cfg)
                         else:
                             sampled = _sample(logits, inp.q_counts, temperature, top_k, top_p, generator)
                     buf.index_copy_(0, inp.out_index, sampled)

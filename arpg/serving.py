@@ -39,7 +39,7 @@ import arpg_kernels as ak
 
 from .engine import Engine, Step, _graph_step, _sample, check_labels, generation_plans
 from .model import PagedBatch
-from .sampling import guide, make_generators
+from .sampling import make_generators
 
 __all__ = ["GenerationQueue", "QueueClosedError", "QueueFullError", "RequestError"]
 
@@ -385,11 +385,10 @@ class GenerationQueue:
         scales = torch.tensor(cfgs, dtype=torch.float32, device=dev)
         sampled = []
         for k, (req, (qa, qb, n)) in enumerate(zip(self._active, spans)):
-            x = logits[qa : qa + n]
-            if req.use_cfg:
-                x = guide(x, logits[t_cond + qb : t_cond + qb + n], scales[k].expand(n, 1))
             counts = [p[req.step].n_q for p in req.plans]
-            sampled.append(_sample(x, counts, req.temperature, req.top_k, req.top_p, req.generator))
+            uncond = logits[t_cond + qb : t_cond + qb + n] if req.use_cfg else None
+            sampled.append(_sample(logits[qa : qa + n], counts, req.temperature, req.top_k, req.top_p, req.generator,
+                                   uncond, scales[k].expand(n, 1) if req.use_cfg else None))
         self._buf.index_copy_(0, ints[d:], torch.cat(sampled))
         self.steps_run += 1
 

@@ -17,6 +17,7 @@ from .ops import (
     merge_attention_states,
     paged_attention,
     resolve_backend,
+    sample_tokens,
     set_backend,
     use_backend,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "paged_attention",
     "reference",
     "resolve_backend",
+    "sample_tokens",
     "set_backend",
     "set_checks",
     "use_backend",

@@ -243,3 +243,37 @@ def check_merge(out_a, lse_a, out_b, lse_b):
             raise ValueError(f"{name} must have shape [T, H] = {tuple(out_a.shape[:2])}, got {tuple(t.shape)}")
     _same_device("out_a", out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     _last_dim_contiguous(out_a=out_a, out_b=out_b)
+
+
+def check_sample_tokens(logits, uncond, cfg_scale, uniforms, temperature, top_k, top_p):
+    _tensor("logits", logits, 2)
+    if logits.dtype != torch.float32:
+        raise ValueError(f"logits must be float32, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have a vocabulary of at least one token (dimension 1)")
+    if (uncond is None) != (cfg_scale is None):
+        raise ValueError("uncond and cfg_scale go together: pass both for guidance, or neither")
+    _tensor("uniforms", uniforms, 1)
+    _index("uniforms", uniforms, torch.float64)
+    t = logits.shape[0]
+    if uniforms.shape[0] != t:
+        raise ValueError(f"uniforms has {uniforms.shape[0]} entries but logits has {t} rows")
+    others = {"uniforms": uniforms}
+    if uncond is not None:
+        _tensor("uncond", uncond, 2)
+        _tensor("cfg_scale", cfg_scale, 1)
+        if uncond.shape != logits.shape or uncond.dtype != logits.dtype:
+            raise ValueError(f"uncond {tuple(uncond.shape)} {uncond.dtype} must match logits {tuple(logits.shape)} "
+                             f"{logits.dtype}")
+        _index("cfg_scale", cfg_scale, torch.float32)
+        if cfg_scale.shape[0] != t:
+            raise ValueError(f"cfg_scale has {cfg_scale.shape[0]} entries but logits has {t} rows")
+        others.update(uncond=uncond, cfg_scale=cfg_scale)
+    _same_device("logits", logits, **others)
+    _last_dim_contiguous(logits=logits, **({} if uncond is None else {"uncond": uncond}))
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature != temperature:
+        raise ValueError(f"temperature must be a number (<= 0: greedy), got {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")

@@ -24,13 +24,13 @@ from . import _build
 
 __all__ = [
     "PAGED_ATTENTION_DTYPES", "append_kv", "attention_backward", "attention_forward", "is_available", "load_error",
-    "merge_attention_states", "paged_attention", "supports",
+    "merge_attention_states", "paged_attention", "sample_tokens", "supports",
 ]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_OPS = ("paged_attention", "append_kv", "merge_attention_states")  # the C++ ops of arpg_cpu
+_OPS = ("paged_attention", "append_kv", "merge_attention_states", "sample_tokens")  # the C++ ops of arpg_cpu
 _DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attention CPU kernels
 
 
@@ -66,6 +66,7 @@ if _load_error is None:
         ("append_kv", lambda *args: None),
         ("merge_attention_states", lambda out_a, lse_a, out_b, lse_b: (out_a.new_empty(out_a.shape),
                                                                        lse_a.new_empty(lse_a.shape))),
+        ("sample_tokens", lambda logits, *args: logits.new_empty(logits.shape[:1], dtype=torch.int64)),
     ):
         try:
             torch.library.register_fake(f"arpg_cpu::{_name}", _fake)
@@ -91,6 +92,8 @@ def supports(op: str, *tensors: Tensor) -> bool:
         return _dense_supported(*tensors[:3])
     if not is_available() or op not in _OPS or not tensors:
         return False
+    if op == "sample_tokens":
+        return tensors[0].device.type == "cpu"
     if op == "merge_attention_states":
         x = tensors[0]
         return x.device.type == "cpu" and x.dtype in PAGED_ATTENTION_DTYPES and x.dim() == 3 and x.stride(-1) == 1
@@ -195,3 +198,15 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: T
     if _load_error is not None:
         raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
     return torch.ops.arpg_cpu.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+def sample_tokens(logits: Tensor, uncond: Optional[Tensor], cfg_scale: Optional[Tensor], uniforms: Tensor,
+                  temperature: float, top_k: int, top_p: float) -> Tensor:
+    """One token per row, semantics of `arpg_kernels.reference.sample_tokens` (sort-free top-k/top-p).
+    logits, uncond: float32 [T, V]; cfg_scale: float32 [T]; uniforms: float64 [T]. Returns int64 [T]."""
+    if _load_error is not None:
+        raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
+    return torch.ops.arpg_cpu.sample_tokens(
+        logits, uncond, None if cfg_scale is None else cfg_scale.contiguous(), uniforms.contiguous(),
+        float(temperature), int(top_k), float(top_p),
+    )

@@ -88,7 +88,8 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
     if name == "triton":
         if device.type != "cuda" and not triton_interpreting():
             raise RuntimeError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-        return _triton()
+        triton_backend = _triton()
+        return triton_backend if hasattr(triton_backend, op) else reference
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got {device}")
     if name == "cpu" and device.type != "cpu":
@@ -108,6 +109,8 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
         why = "arpg_kernels._C is not built" if not cuda_backend.is_available() else "these inputs"
         warn_once(f"arpg: the cuda backend has no {op} kernel for {why}; using triton instead")
     triton_backend = _triton()
+    if not hasattr(triton_backend, op):  # no GPU kernel for this op yet: the reference is its CUDA path
+        return reference
     if triton_backend.supports(op, *tensors):
         return triton_backend
     warn_once(f"arpg: no fast {op} kernel for head_dim {tensors[0].shape[-1]} / these shapes; using the reference")
@@ -132,6 +135,10 @@ _lib.define(
     "bool causal, float? scale=None) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)")
+_lib.define(
+    "sample_tokens(Tensor logits, Tensor? uncond, Tensor? cfg_scale, Tensor uniforms, float temperature=1.0, "
+    "int top_k=0, float top_p=1.0) -> Tensor"
+)
 
 _DEVICES = ("cpu", "cuda")
 
@@ -230,6 +237,19 @@ def _(out_a, lse_a, out_b, lse_b):
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
 
 
+@_impl("sample_tokens")
+def _sample_tokens(logits, uncond, cfg_scale, uniforms, temperature=1.0, top_k=0, top_p=1.0):
+    checks.check_sample_tokens(logits, uncond, cfg_scale, uniforms, temperature, top_k, top_p)
+    impl = resolve_backend("sample_tokens", logits)
+    return impl.sample_tokens(logits, uncond, cfg_scale, uniforms, float(temperature), int(top_k), float(top_p))
+
+
+@_fake("sample_tokens")
+def _(logits, uncond, cfg_scale, uniforms, temperature=1.0, top_k=0, top_p=1.0):
+    checks.check_sample_tokens(logits, uncond, cfg_scale, uniforms, temperature, top_k, top_p)
+    return logits.new_empty(logits.shape[:1], dtype=torch.int64)
+
+
 # typed public wrappers -----------------------------------------------------------------------
 
 
@@ -305,3 +325,34 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: T
         out [T, H, D] in out_a's dtype and lse [T, H] float32 (0 and -inf where both sides are empty).
     """
     return torch.ops.arpg.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+def sample_tokens(
+    logits: Tensor,
+    uniforms: Tensor,
+    uncond: Optional[Tensor] = None,
+    cfg_scale: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Tensor:
+    """One token per row of logits, in one op: classifier-free guidance, temperature, top-k/top-p, draw.
+
+    Args:
+        logits: float32 [T, V], rows contiguous (the conditional rows under guidance).
+        uniforms: float64 [T] in [0, 1), one per row (e.g. `torch.rand(T, dtype=torch.float64,
+            generator=g)`): the draw is a function of them, so a seeded generator gives the same tokens
+            and a CUDA graph can capture the step.
+        uncond: float32 [T, V] unconditional rows, with cfg_scale float32 [T]: each row is
+            `uncond + (logits - uncond) * cfg_scale` first. Both or neither.
+        temperature: <= 0 is greedy (argmax; uniforms unused).
+        top_k: keep the logits >= the k-th largest (0: off). top_p: then keep the smallest set of most
+            likely tokens whose probability reaches top_p (1: off).
+
+    Returns:
+        int64 [T]: the first token whose cumulative (float64) probability exceeds `uniform * total`, an
+        exact categorical draw of the filtered softmax (V - 1 for a row with a NaN). Backends differ from
+        the reference only by float rounding of the probabilities (a draw within about 1e-7 of a boundary
+        between two tokens may pick the neighbour).
+    """
+    return torch.ops.arpg.sample_tokens(logits, uncond, cfg_scale, uniforms, temperature, top_k, top_p)

@@ -17,6 +17,8 @@ __all__ = [
     "attention_backward",
     "merge_attention_states",
     "gather_kv",
+    "filter_logits",
+    "sample_tokens",
 ]
 
 
@@ -229,3 +231,51 @@ def merge_attention_states(
     out = (part_a + part_b) / denom_safe.unsqueeze(-1)
     lse = torch.where(empty, torch.full_like(m, float("-inf")), m_safe + torch.log(denom_safe))
     return out.to(out_a.dtype), lse.float()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering along the last dim; removed entries become -inf.
+
+    Top-k keeps every logit >= the k-th largest. Top-p keeps the smallest prefix of the sorted
+    distribution whose mass reaches top_p (always at least the most likely token). Returns a new
+    tensor; the input is left alone.
+    """
+    if top_k and top_k > 0:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum > top_p
+        remove = torch.cat([torch.zeros_like(remove[..., :1]), remove[..., :-1]], dim=-1)
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    uncond,
+    cfg_scale,
+    uniforms: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> torch.Tensor:
+    """One token per row: guidance, temperature, top-k/top-p, an inverse-CDF draw.
+
+    logits: float32 [T, V]; uncond: float32 [T, V] or None, with cfg_scale float32 [T]: the row is
+    `uncond + (logits - uncond) * cfg_scale` (the original's expression and order); uniforms: float64
+    [T] in [0, 1). temperature <= 0 is greedy (argmax; uniforms unused). Else the first token whose
+    float64 cumulative probability exceeds `uniform * total`: an exact categorical draw of the filtered
+    softmax (a token of probability 0 is never picked). A NaN row gives V - 1. Returns int64 [T].
+    """
+    if uncond is not None:
+        logits = uncond + (logits - uncond) * cfg_scale[:, None]
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    # float64: u * total < total holds exactly, and rounding in the running sum is far below 1/V.
+    cdf = torch.softmax(logits.float(), dim=-1).double().cumsum_(-1)
+    index = torch.searchsorted(cdf, (uniforms[:, None] * cdf[..., -1:]).contiguous(), right=True).squeeze_(-1)
+    return index.clamp_(max=cdf.shape[-1] - 1)  # only a NaN row gets past the end

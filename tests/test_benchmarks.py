@@ -8,6 +8,9 @@ import time
 import pytest
 import torch
 
+import arpg_kernels as ak
+import arpg_kernels.cpu  # noqa: F401
+
 from arpg.config import ARPGConfig
 from arpg.bench import generation, kernels, plot, run
 from arpg.bench.common import FIELDS, Budget, Record, fmt, read_rows, time_fn, timing
@@ -135,7 +138,10 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     grid = dict(heads=[2], head_dim=[32], kv_len=[17], q_per_seq=[3], batch=[2], page_size=[16])
     budget = Budget(0, 0, min_reps=2)
     kernels.bench_paged(record, torch.device("cpu"), grid, torch.float32, bandwidth=1e10, budget=budget)
+    kernels.bench_sampling(record, torch.device("cpu"), dict(shapes=[(3, 50)], settings=[(1.0, 5, 0.9)]), budget=budget)
     rows = read_rows(tmp_path / "results.csv")
+    sampling = {r["provider"] for r in rows if r["name"] == "sample_tokens" and r["metric"] == "latency"}
+    assert sampling == {"torch-ops", "arpg-cpu" if ak.cpu.is_available() else "arpg-reference"}
     assert list(rows[0]) == FIELDS
     providers = {r["provider"] for r in rows if r["bench"] == "kernels"}
     assert {"arpg-reference", "sdpa-gathered"} <= providers
@@ -150,6 +156,7 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     summary = plot.summary_markdown(rows)
     assert "| cpu-tiny | 4 | 2 | arpg-engine |" in summary and "engine/eager" in summary
     assert "Engine step, host ms per step by part" in summary and "| cpu-tiny | 4 | 2 |" in summary
+    assert "| sample_tokens | torch-ops |" in summary
 
 
 def test_summary_has_paged_speedups_with_geometric_mean_and_minimum(tmp_path):

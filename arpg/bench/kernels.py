@@ -1,5 +1,5 @@
 """Kernel benchmarks: paged multi-query attention per backend against the best attention we can import,
-and dense causal attention forward+backward against torch SDPA.
+dense causal attention forward+backward against torch SDPA, and the fused sampler against torch ops.
 
 Bytes counted for GB/s: each sequence's K and V rows once, plus q and out. FLOPs: 4 * q * kv * D per head
 (two matmuls), 2.5x that for forward+backward.
@@ -200,6 +200,30 @@ def bench_dense(record: Record, device: torch.device, dtype: torch.dtype, shapes
             record.add("kernels", "attention_fwd_bwd", name, full, "throughput", "TFLOP/s", flops / t.median / 1e12)
 
 
+# Sampling: one decoding step's query rows over the vocabulary, guided (CFG), with each filter.
+CPU_SAMPLING = dict(shapes=[(64, 1024), (128, 16384)], settings=[(1.0, 0, 1.0), (1.0, 100, 1.0), (1.0, 0, 0.9)])
+GPU_SAMPLING = dict(shapes=[(512, 16384), (2048, 16384)], settings=CPU_SAMPLING["settings"])
+
+
+def bench_sampling(record: Record, device: torch.device, grid: dict, budget: Budget | None = None) -> None:
+    """`ak.sample_tokens` (guidance, temperature, top-k/top-p and the draw in one op, on the backend `auto`
+    picks) against the same steps as separate torch ops (`reference.sample_tokens`), float32 logits."""
+    for rows, vocab in grid["shapes"]:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        logits, uncond = (torch.randn(rows, vocab, generator=g).mul_(3).to(device) for _ in range(2))
+        scale = torch.full((rows,), 4.0, device=device)
+        uniforms = torch.rand(rows, dtype=torch.float64, generator=g).to(device)
+        backend = ak.resolve_backend("sample_tokens", logits).__name__.rsplit(".", 1)[-1]
+        for temperature, top_k, top_p in grid["settings"]:
+            cfg = dict(rows=rows, vocab=vocab, cfg=True, temperature=temperature, top_k=top_k, top_p=top_p)
+            providers = {
+                f"arpg-{backend}": lambda: ak.sample_tokens(logits, uniforms, uncond, scale, temperature, top_k, top_p),
+                "torch-ops": lambda: reference.sample_tokens(logits, uncond, scale, uniforms, temperature, top_k, top_p),
+            }
+            for name, fn in providers.items():
+                record.add_timing("kernels", "sample_tokens", name, cfg, time_fn(fn, device=device, budget=budget))
+
+
 def run(record: Record, device: torch.device, quick: bool, progress_factory=None) -> None:
     bandwidth = measure_copy_bandwidth(device)
     record.add("kernels", "copy", "torch", {}, "bandwidth", "GB/s", bandwidth / 1e9)
@@ -217,3 +241,4 @@ def run(record: Record, device: torch.device, quick: bool, progress_factory=None
     ]
     for dtype in dtypes:
         bench_dense(record, device, dtype, shapes)
+    bench_sampling(record, device, CPU_SAMPLING if quick else GPU_SAMPLING)

@@ -1,4 +1,4 @@
-// arpg_cpu::paged_attention, append_kv and merge_attention_states: the CPU backend behind torch.ops.arpg.* (arpg_kernels/cpu.py
+// arpg_cpu::paged_attention, append_kv, merge_attention_states and sample_tokens: the CPU backend behind torch.ops.arpg.* (arpg_kernels/cpu.py
 // routes there after the shared Python checks). Work items are (sequence, KV head, block of queries),
 // taken costliest first by torch's intra-op threads; each streams its sequence's pages in place
 // (csrc/include/arpg/cpu/paged_attention.h). Importing the Python module arpg_kernels._cpu loads this
@@ -20,6 +20,7 @@
 
 #include "arpg/cpu/merge_states.h"
 #include "arpg/cpu/paged_attention.h"
+#include "arpg/cpu/sample.h"
 
 // c10::BFloat16 holds bfloat16 bits: the kernel may multiply them raw (AVX512_BF16).
 template <>
@@ -260,6 +261,56 @@ std::tuple<at::Tensor, at::Tensor> MergeAttentionStates(const at::Tensor& out_a,
 }  // namespace
 }  // namespace arpg
 
+namespace arpg {
+namespace {
+
+// One token per row of logits [T, V] float32 (guided by uncond [T, V] and cfg_scale [T] when given), drawn
+// against uniforms [T] float64 (arpg/cpu/sample.h). Rows are independent: split over the threads.
+at::Tensor SampleTokens(const at::Tensor& logits, const c10::optional<at::Tensor>& uncond,
+                        const c10::optional<at::Tensor>& cfg_scale, const at::Tensor& uniforms, double temperature,
+                        int64_t top_k, double top_p) {
+  // Shapes and dtypes are checked in Python (arpg_kernels/checks.py); these guard the raw-pointer reads.
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "arpg_cpu::sample_tokens: logits must be float32 [T, V] with contiguous rows");
+  TORCH_CHECK(uncond.has_value() == cfg_scale.has_value(), "arpg_cpu::sample_tokens: uncond and cfg_scale go together");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(uniforms.scalar_type() == at::kDouble && uniforms.dim() == 1 && uniforms.size(0) == rows &&
+                  uniforms.is_contiguous(),
+              "arpg_cpu::sample_tokens: uniforms must be contiguous float64 [T]");
+  const float* un = nullptr;
+  const float* sc = nullptr;
+  int64_t un_stride = 0;
+  if (uncond.has_value()) {
+    TORCH_CHECK(uncond->sizes() == logits.sizes() && uncond->scalar_type() == at::kFloat && uncond->stride(1) == 1,
+                "arpg_cpu::sample_tokens: uncond must match logits");
+    TORCH_CHECK(cfg_scale->scalar_type() == at::kFloat && cfg_scale->dim() == 1 && cfg_scale->size(0) == rows &&
+                    cfg_scale->is_contiguous(),
+                "arpg_cpu::sample_tokens: cfg_scale must be contiguous float32 [T]");
+    un = uncond->data_ptr<float>();
+    un_stride = uncond->stride(0);
+    sc = cfg_scale->data_ptr<float>();
+  }
+  TORCH_CHECK(vocab > 0 || rows == 0, "arpg_cpu::sample_tokens: the vocabulary is empty");
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  const cpu::SampleArgs args{vocab, static_cast<float>(temperature), top_k, top_p};
+  const float* lg = logits.data_ptr<float>();
+  const int64_t lg_stride = logits.stride(0);
+  const double* u = uniforms.data_ptr<double>();
+  int64_t* tokens = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / vocab), [&](int64_t begin, int64_t end) {
+    cpu::SampleScratch scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      tokens[r] = cpu::SampleRow(args, lg + r * lg_stride, un == nullptr ? nullptr : un + r * un_stride,
+                                 sc == nullptr ? 0.0f : sc[r], u[r], scratch);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace arpg
+
 TORCH_LIBRARY(arpg_cpu, m) {
   m.set_python_module("arpg_kernels.cpu");
   m.def(
@@ -267,12 +318,16 @@ TORCH_LIBRARY(arpg_cpu, m) {
       "Tensor cu_q_lens, int max_q_len, bool causal, float scale, bool return_lse) -> (Tensor out, Tensor lse)");
   m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sample_tokens(Tensor logits, Tensor? uncond, Tensor? cfg_scale, Tensor uniforms, float temperature, "
+      "int top_k, float top_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(arpg_cpu, CPU, m) {
   m.impl("paged_attention", &arpg::PagedAttention);
   m.impl("append_kv", &arpg::AppendKv);
   m.impl("merge_attention_states", &arpg::MergeAttentionStates);
+  m.impl("sample_tokens", &arpg::SampleTokens);
 }
 
 extern "C" {

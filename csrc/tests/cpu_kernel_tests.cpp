@@ -1,4 +1,5 @@
-// arpg_cpu_kernel_tests: the torch-free CPU kernels (arpg/cpu/paged_attention.h, arpg/cpu/merge_states.h)
+// arpg_cpu_kernel_tests: the torch-free CPU kernels (arpg/cpu/paged_attention.h, arpg/cpu/merge_states.h,
+// arpg/cpu/sample.h)
 // on random data against plain loops in double precision. Needs only the standard library: the 16-bit
 // storage types are small structs of this file (the header takes any T with static_cast<float> and
 // construction from float; it accepts every head dim, padding it to a multiple of 8 internally).
@@ -30,6 +31,7 @@
 
 #include "arpg/cpu/merge_states.h"
 #include "arpg/cpu/paged_attention.h"
+#include "arpg/cpu/sample.h"
 
 namespace {
 
@@ -732,6 +734,93 @@ void AttentionSuite(const std::vector<int>& dims, const std::vector<int>& page_s
 
 }  // namespace
 
+// sample ---------------------------------------------------------------------------------------
+
+// The sampler's semantics in double precision with a sort: guidance, temperature, top-k (>= the k-th largest),
+// top-p (sorted exclusive mass <= top_p), then the cumulative probabilities in vocabulary order.
+std::vector<double> SampleCdf(const std::vector<float>& c, const std::vector<float>* u, float scale, float temperature,
+                              int top_k, double top_p) {
+  const int n = static_cast<int>(c.size());
+  std::vector<double> x(n);
+  for (int j = 0; j < n; ++j) {
+    const float g = u == nullptr ? c[j] : (*u)[j] + (c[j] - (*u)[j]) * scale;
+    x[j] = static_cast<double>(g / temperature);
+  }
+  std::vector<double> sorted(x);
+  std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+  const double kth = top_k > 0 && top_k < n ? sorted[top_k - 1] : -INFINITY;
+  std::vector<double> p(n, 0.0);
+  double total = 0.0;
+  for (int j = 0; j < n; ++j) {
+    if (x[j] >= kth) p[j] = std::exp(x[j] - sorted[0]);
+    total += p[j];
+  }
+  if (top_p < 1.0) {
+    std::vector<double> ps(p);
+    std::sort(ps.begin(), ps.end(), std::greater<double>());
+    double before = 0.0, tau = 0.0;
+    for (double v : ps) {
+      if (v == 0.0 || before > top_p * total) break;
+      tau = v;
+      before += v;
+    }
+    total = 0.0;
+    for (int j = 0; j < n; ++j) {
+      if (p[j] < tau) p[j] = 0.0;
+      total += p[j];
+    }
+  }
+  std::vector<double> cdf(n);
+  double run = 0.0;
+  for (int j = 0; j < n; ++j) cdf[j] = (run += p[j]) / total;
+  return cdf;
+}
+
+// Random rows through SampleRow: the token is kept by the filters and is the double-precision loop's, or
+// the draw lies within 1e-5 of the boundary between the two. Greedy rows give the first largest.
+void RunSample(int vocab, float temperature, int top_k, double top_p, bool cfg, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.f, 3.f);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  const arpg::cpu::SampleArgs args{vocab, temperature, top_k, top_p};
+  arpg::cpu::SampleScratch scratch;
+  bool ok = true;
+  std::string detail;
+  for (int row = 0; row < 200 && ok; ++row) {
+    std::vector<float> c(vocab), u(vocab);  // exactly sized: ASan sees a read past the row
+    for (int j = 0; j < vocab; ++j) {
+      c[j] = normal(rng);
+      u[j] = normal(rng);
+    }
+    const float scale = cfg ? 1.5f + static_cast<float>(row % 4) : 0.f;
+    const double draw = uniform(rng);
+    const int64_t got = arpg::cpu::SampleRow(args, c.data(), cfg ? u.data() : nullptr, scale, draw, scratch);
+    if (temperature <= 0.f) {
+      int64_t want = 0;
+      for (int j = 1; j < vocab; ++j) {
+        const float gj = cfg ? u[j] + (c[j] - u[j]) * scale : c[j];
+        const float gw = cfg ? u[want] + (c[want] - u[want]) * scale : c[want];
+        if (gj > gw) want = j;
+      }
+      ok = got == want;
+      if (!ok) detail = "greedy row " + std::to_string(row) + ": " + std::to_string(got) + " vs " + std::to_string(want);
+      continue;
+    }
+    const std::vector<double> cdf = SampleCdf(c, cfg ? &u : nullptr, scale, temperature, top_k, top_p);
+    int64_t want = 0;
+    while (want < vocab - 1 && cdf[want] <= draw) ++want;
+    const double p_got = got >= 0 && got < vocab ? cdf[got] - (got ? cdf[got - 1] : 0.0) : -1.0;
+    bool near = false;
+    for (int64_t j = std::min(got, want); j < std::max(got, want) && got >= 0 && got < vocab; ++j) {
+      near = near || std::fabs(cdf[j] - draw) < 1e-5;
+    }
+    ok = p_got > 0.0 && (got == want || near);
+    if (!ok) detail = "row " + std::to_string(row) + ": " + std::to_string(got) + " vs " + std::to_string(want);
+  }
+  Report("sample V=" + std::to_string(vocab) + " T=" + std::to_string(temperature).substr(0, 4) + " top_k=" +
+             std::to_string(top_k) + " top_p=" + std::to_string(top_p).substr(0, 4) + (cfg ? " cfg" : ""),
+         ok, 0, 0, detail);
+}
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "-v") g_verbose = true;
@@ -751,6 +840,15 @@ int main(int argc, char** argv) {
   RunCascade<float>(64, 16, rng, scratch);
   RunCascade<float>(20, 3, rng, scratch);
   RunCascade<BF16>(72, 64, rng, scratch);
+  for (int vocab : {1, 7, 64, 1000}) {
+    for (bool cfg : {false, true}) {
+      RunSample(vocab, 1.0f, 0, 1.0, cfg, rng);
+      RunSample(vocab, 0.7f, 5, 1.0, cfg, rng);
+      RunSample(vocab, 1.0f, 0, 0.8, cfg, rng);
+      RunSample(vocab, 1.3f, 40, 0.9, cfg, rng);
+      RunSample(vocab, 0.0f, 0, 1.0, cfg, rng);
+    }
+  }
   std::string paths;
   for (const auto& path : Paths<float>()) paths += std::string(paths.empty() ? "" : ", ") + path.first;
   std::printf("%d/%d cases passed (CPU kernels; code paths: %s)\n", g_cases - g_failures, g_cases, paths.c_str());
