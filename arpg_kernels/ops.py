@@ -29,6 +29,12 @@ if _backend not in BACKENDS:
     raise ValueError(f"ARPG_BACKEND={_backend!r} is not one of {BACKENDS}")
 
 
+# Ops whose Triton kernel no GPU run has timed yet: on CUDA tensors `auto` keeps the reference for them
+# until `arpg-bench` (kernels: sample_tokens, arpg-triton vs torch-ops) shows the kernel faster there;
+# set_backend("triton") selects it.
+GPU_UNMEASURED = ("sample_tokens",)
+
+
 def set_backend(name: str) -> None:
     """Select the backend for every op in this process: 'auto', 'reference', 'triton', 'cuda' or 'cpu'.
 
@@ -101,6 +107,8 @@ def resolve_backend(op: str, *tensors: Tensor) -> ModuleType:
         if name == "cpu" and hasattr(cpu_backend, op):
             warn_once(f"arpg: the cpu backend cannot run {op} ({cpu_backend.load_error() or 'these inputs'}); "
                        "using the reference")
+        return reference
+    if name == "auto" and op in GPU_UNMEASURED:
         return reference
     cuda_backend = _cuda()
     if cuda_backend.is_available() and hasattr(cuda_backend, op) and cuda_backend.supports(op, *tensors):
@@ -345,7 +353,7 @@ def sample_tokens(
             and a CUDA graph can capture the step.
         uncond: float32 [T, V] unconditional rows, with cfg_scale float32 [T]: each row is
             `uncond + (logits - uncond) * cfg_scale` first. Both or neither.
-        temperature: <= 0 is greedy (argmax; uniforms unused).
+        temperature: <= 0 is greedy (argmax, a NaN counting as largest; uniforms unused).
         top_k: keep the logits >= the k-th largest (0: off). top_p: then keep the smallest set of most
             likely tokens whose probability reaches top_p (1: off).
 

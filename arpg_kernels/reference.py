@@ -266,7 +266,7 @@ def sample_tokens(
 
     logits: float32 [T, V]; uncond: float32 [T, V] or None, with cfg_scale float32 [T]: the row is
     `uncond + (logits - uncond) * cfg_scale` (the original's expression and order); uniforms: float64
-    [T] in [0, 1). temperature <= 0 is greedy (argmax; uniforms unused). Else the first token whose
+    [T] in [0, 1). temperature <= 0 is greedy (argmax, a NaN counting as largest). Else the first token whose
     float64 cumulative probability exceeds `uniform * total`: an exact categorical draw of the filtered
     softmax (a token of probability 0 is never picked). A NaN row gives V - 1. Returns int64 [T].
     """

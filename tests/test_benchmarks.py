@@ -138,7 +138,8 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     grid = dict(heads=[2], head_dim=[32], kv_len=[17], q_per_seq=[3], batch=[2], page_size=[16])
     budget = Budget(0, 0, min_reps=2)
     kernels.bench_paged(record, torch.device("cpu"), grid, torch.float32, bandwidth=1e10, budget=budget)
-    kernels.bench_sampling(record, torch.device("cpu"), dict(shapes=[(3, 50)], settings=[(1.0, 5, 0.9)]), budget=budget)
+    kernels.bench_sampling(record, torch.device("cpu"), dict(shapes=[(3, 50)], settings=[(1.0, 5, 0.9), (1.0, 0, 1.0)]),
+                           budget=budget)
     rows = read_rows(tmp_path / "results.csv")
     sampling = {r["provider"] for r in rows if r["name"] == "sample_tokens" and r["metric"] == "latency"}
     assert sampling == {"torch-ops", "arpg-cpu" if ak.cpu.is_available() else "arpg-reference"}

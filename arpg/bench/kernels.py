@@ -206,18 +206,24 @@ GPU_SAMPLING = dict(shapes=[(512, 16384), (2048, 16384)], settings=CPU_SAMPLING[
 
 
 def bench_sampling(record: Record, device: torch.device, grid: dict, budget: Budget | None = None) -> None:
-    """`ak.sample_tokens` (guidance, temperature, top-k/top-p and the draw in one op, on the backend `auto`
-    picks) against the same steps as separate torch ops (`reference.sample_tokens`), float32 logits."""
+    """The fused sampler (guidance, temperature, top-k/top-p and the draw in one kernel: the cpu backend's
+    on a CPU, the Triton one on a GPU) against the same steps as separate torch ops
+    (`reference.sample_tokens`), float32 logits."""
     for rows, vocab in grid["shapes"]:
         g = torch.Generator(device="cpu").manual_seed(0)
         logits, uncond = (torch.randn(rows, vocab, generator=g).mul_(3).to(device) for _ in range(2))
         scale = torch.full((rows,), 4.0, device=device)
         uniforms = torch.rand(rows, dtype=torch.float64, generator=g).to(device)
-        backend = ak.resolve_backend("sample_tokens", logits).__name__.rsplit(".", 1)[-1]
+        # Ours: the kernel of this device (on CUDA the Triton one, which `auto` does not pick before it is timed).
+        if device.type == "cuda":
+            from arpg_kernels import triton as ours
+        else:
+            ours = ak.resolve_backend("sample_tokens", logits)
+        ours_name = "arpg-" + ours.__name__.rsplit(".", 1)[-1]
         for temperature, top_k, top_p in grid["settings"]:
             cfg = dict(rows=rows, vocab=vocab, cfg=True, temperature=temperature, top_k=top_k, top_p=top_p)
             providers = {
-                f"arpg-{backend}": lambda: ak.sample_tokens(logits, uniforms, uncond, scale, temperature, top_k, top_p),
+                ours_name: lambda: ours.sample_tokens(logits, uncond, scale, uniforms, temperature, top_k, top_p),
                 "torch-ops": lambda: reference.sample_tokens(logits, uncond, scale, uniforms, temperature, top_k, top_p),
             }
             for name, fn in providers.items():

@@ -8,7 +8,7 @@ from .append_kv import append_kv
 from .attention import attention_backward, attention_forward
 from .merge import merge_attention_states
 from .paged_attention import paged_attention
-
+from .sample import sample_tokens
 
 
 def _pow2(n: int) -> bool:
@@ -37,4 +37,5 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "merge_attention_states",
+    "sample_tokens",
 ]

@@ -9,7 +9,8 @@
 //     tokens at the boundary all stay, where the reference keeps them in its sort's order);
 //   - the draw: the first token (in vocabulary order) whose running float64 sum of kept probabilities
 //     exceeds uniform * total, as torch.searchsorted on the reference's cumulative sum.
-// Greedy (temperature <= 0): the first index of the largest guided logit, as torch.argmax.
+// Greedy (temperature <= 0): the first index of the largest guided logit, a NaN counting as the largest
+// (torch.argmax).
 // A row whose guided (tempered) logits hold a NaN or +inf, or are all -inf, gives V - 1 (the reference's
 // clamp of a NaN cumulative sum).
 #pragma once
@@ -127,8 +128,11 @@ ARPG_CPU_INLINE int64_t SampleRowImpl(const SampleArgs& a, const float* cond, co
     mx = std::max(mx, vmax[i]);
     any_nan = any_nan || nan[i] != 0;
   }
+  if (a.temperature <= 0.0f) {  // the first largest, a NaN counting as largest (torch.argmax)
+    if (any_nan) return std::find_if(x, x + n, [](float v) { return v != v; }) - x;
+    return std::find(x, x + n, mx) - x;
+  }
   if (any_nan) return n - 1;
-  if (a.temperature <= 0.0f) return std::find(x, x + n, mx) - x;  // the first largest, as torch.argmax
   if (a.temperature != 1.0f) {  // x / 1 is x: skip the pass
     const Vec8 t = Splat8(a.temperature);
     for (int64_t j = 0; j < padded; j += 8) Store8(x + j, Load8(x + j) / t);
