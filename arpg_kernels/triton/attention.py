@@ -32,10 +32,15 @@ def _configs(interpret_tiles, gpu_tiles):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu_tiles]
 
 
-_FWD_CONFIGS = _configs((32, 16), [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)])
-_DKDV_CONFIGS = _configs((16, 32), [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (16, 64, 4, 2)])
-_DQ_CONFIGS = _configs((32, 16), [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 16, 4, 2)])
-_AUTOTUNE_KEY = ["LQ", "LK", "HEAD_DIM", "GROUP", "IS_CAUSAL"]
+# Tiles (BLOCK_M, BLOCK_N, warps, stages). An independent review (2026-12-02) compiled every config for
+# sm_90 with ptxas -v; these replace the three that spilled there (forward 64x64 / 4 warps / 3 stages: 60 B,
+# dK/dV 64x64 / 4 warps: 632 B, dQ 64x64 / 4 warps: 4 B) with 8-warp versions of the same tiles.
+_FWD_CONFIGS = _configs((32, 16), [(64, 64, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)])
+_DKDV_CONFIGS = _configs((16, 32), [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2)])
+_DQ_CONFIGS = _configs((32, 16), [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 16, 4, 2)])
+# Keyed on the lengths rounded up to a power of two (LQ_KEY, LK_KEY), not the exact ones: a new length
+# re-tunes only when it crosses a power of two.
+_AUTOTUNE_KEY = ["LQ_KEY", "LK_KEY", "HEAD_DIM", "GROUP", "IS_CAUSAL"]
 
 
 @triton.jit
@@ -87,7 +92,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lm, stride_lh,
-    H, LQ, LK,
+    H, LQ, LK, LQ_KEY, LK_KEY,
     scale_log2,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -98,8 +103,8 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # q, o: [B, LQ, H, D]; k, v: [B, LK, H / GROUP, D]; lse: [B, LQ, H]
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)  # B * H on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    i_m = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_hkv = i_h // GROUP
@@ -164,8 +169,8 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
 ):
     # delta: [B, H, LQ] float32 = rowsum(do * o) - dlse
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)  # B * H on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    i_m = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,7 +230,7 @@ def _attn_bwd_dkdv_kernel(
     stride_lb, stride_lm, stride_lh,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    HKV, LQ, LK,
+    HKV, LQ, LK, LQ_KEY, LK_KEY,
     scale, scale_log2,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -236,8 +241,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # One program per (key block, batch, KV head); it sums over the GROUP query heads of that KV head.
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)
+    i_n = tl.program_id(1)
     i_b = (i_bh // HKV).to(tl.int64)
     i_hkv = (i_bh % HKV).to(tl.int64)
 
@@ -344,7 +349,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_lb, stride_lm, stride_lh,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-    H, LQ, LK,
+    H, LQ, LK, LQ_KEY, LK_KEY,
     scale, scale_log2,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -354,8 +359,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)  # B * H on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    i_m = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_hkv = i_h // GROUP
@@ -414,6 +419,11 @@ def _check_head_dim(d: int) -> None:
         raise ValueError(f"triton attention: head_dim must be a power of two >= 16, got {d}")
 
 
+def _bucket(n: int) -> int:
+    """The autotune key of a length: n rounded up to a power of two."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
 def _flags(dtype: torch.dtype) -> dict:
     return {
         "INTERP_BF16": INTERPRET and dtype == torch.bfloat16,
@@ -438,12 +448,12 @@ def attention_forward(
         return out, lse
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+        return (b * h, triton.cdiv(lq, meta["BLOCK_M"]))
 
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        h, lq, lk,
+        h, lq, lk, _bucket(lq), _bucket(lk),
         scale * math.log2(math.e),
         GROUP=h // hkv,
         HEAD_DIM=d,
@@ -485,7 +495,7 @@ def attention_backward(
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     if lq > 0:
         block_m = 64
-        _attn_bwd_preprocess_kernel[(triton.cdiv(lq, block_m), b * h)](
+        _attn_bwd_preprocess_kernel[(b * h, triton.cdiv(lq, block_m))](
             out, dout, dlse, delta,
             *out.stride(), *dout.stride(), *dlse.stride(),
             h, lq,
@@ -494,10 +504,10 @@ def attention_backward(
         )
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     if lk > 0:
-        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
+        _attn_bwd_dkdv_kernel[lambda meta: (b * hkv, triton.cdiv(lk, meta["BLOCK_N"]))](
             q, k, v, dout, lse, delta, dk, dv,
             *common, *dk.stride(), *dv.stride(),
-            hkv, lq, lk,
+            hkv, lq, lk, _bucket(lq), _bucket(lk),
             scale, scale_log2,
             GROUP=group,
             HEAD_DIM=d,
@@ -505,10 +515,10 @@ def attention_backward(
             **flags,
         )
     if lq > 0:
-        _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
+        _attn_bwd_dq_kernel[lambda meta: (b * h, triton.cdiv(lq, meta["BLOCK_M"]))](
             q, k, v, dout, lse, delta, dq,
             *common, *dq.stride(),
-            h, lq, lk,
+            h, lq, lk, _bucket(lq), _bucket(lk),
             scale, scale_log2,
             GROUP=group,
             HEAD_DIM=d,

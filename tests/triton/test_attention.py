@@ -152,3 +152,18 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_gpu_realistic(case, poison_empty):
     check_case(case)
+
+
+@pytest.mark.gpu
+def test_gpu_more_batch_heads_than_grid_axis_1_allows():
+    # B * H = 70,000 programs per query block: on grid axis 1 this launch would fail (limit 65,535).
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(17_500, 3, 4, 16, generator=g).to(DEVICE) for _ in range(3))
+    out, lse = attention_forward(q, k, v, True, 0.25)
+    want, want_lse = reference.attention_forward(q, k, v, True, 0.25)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
+    dq, dk, dv = attention_backward(torch.ones_like(out), torch.zeros_like(lse), q, k, v, out, lse, True, 0.25)
+    want_grads = reference.attention_backward(torch.ones_like(out), torch.zeros_like(lse), q, k, v, want, want_lse, True, 0.25)
+    for got, ref in zip((dq, dk, dv), want_grads):
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
