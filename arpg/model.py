@@ -6,6 +6,8 @@ token rows against a paged KV cache through `ak.append_kv` and `ak.paged_attenti
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,16 +59,14 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
     x: [..., T, H, D]; rope: [..., T, D // 2, 2] (broadcast over heads).
     """
+    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return ak.reference.rope(x, rope)  # the original's real ops (also what append_kv_rope computes)
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     r = rope.unsqueeze(-3).float()
-    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        cos, sin = r[..., 0], r[..., 1]
-        out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
-    else:
-        # Decoding on the CPU: one complex multiply, (x0 + i x1)(cos + i sin), is the same four products and
-        # two sums (torch's CPU complex multiply does not fuse them) in three ops instead of ten: a CPU step's
-        # host time is mostly op count. Training and compiled graphs keep real ops (autograd, inductor).
-        out = torch.view_as_real(torch.view_as_complex(_complex_view(xs)) * torch.view_as_complex(_complex_view(r)))
+    # Decoding on the CPU: one complex multiply, (x0 + i x1)(cos + i sin), is the same four products and two
+    # sums (torch's CPU complex multiply does not fuse them) in three ops instead of ten: a CPU step's host
+    # time is mostly op count. Training and compiled graphs keep real ops (autograd, inductor).
+    out = torch.view_as_real(torch.view_as_complex(_complex_view(xs)) * torch.view_as_complex(_complex_view(r)))
     return out.flatten(-2).type_as(x)
 
 
@@ -74,6 +74,37 @@ def _complex_view(t: torch.Tensor) -> torch.Tensor:
     """t [..., 2] float32, made viewable as complex (pairs contiguous, even strides and offset)."""
     ok = t.stride(-1) == 1 and t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:-1])
     return t if ok else t.contiguous()
+
+
+# Devices where the decoding step appends K through `ak.append_kv_rope` (RoPE inside the append) rather than
+# RoPE then `ak.append_kv`: where arpg-bench measured it no slower (the CPU: fewer ops a step; the
+# generation part's arpg-engine-unfused provider). CUDA joins when a GPU run has measured it there.
+FUSED_ROPE_APPEND = {"cpu"}
+_fusions = threading.local()
+
+
+@contextlib.contextmanager
+def step_fusions(enabled: bool):
+    """Turn the decoding step's fused ops (RoPE inside the append, the one-op sampler) on or off in this
+    thread until the block ends: off runs the same step as separate torch ops (benchmarks, debugging)."""
+    prev = getattr(_fusions, "enabled", True)
+    _fusions.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _fusions.enabled = prev
+
+
+def fusions_enabled() -> bool:
+    return getattr(_fusions, "enabled", True)
+
+
+def append_rotated(k, v, k_cache, v_cache, slot_mapping, rope) -> None:
+    """Append rope(k) and v ([T, Hkv, D]) at slot_mapping: one op where FUSED_ROPE_APPEND says so."""
+    if k.device.type in FUSED_ROPE_APPEND and fusions_enabled():
+        ak.append_kv_rope(k, v, k_cache, v_cache, slot_mapping, rope)
+    else:
+        ak.append_kv(apply_rope(k, rope), v, k_cache, v_cache, slot_mapping)
 
 
 @dataclass
@@ -153,8 +184,9 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, causal: bool = False
     ) -> torch.Tensor:
         """Append the rows' K/V, then attend the whole cache. x: [T_in, dim]; rope: [T_in, head_dim // 2, 2]."""
-        q, k, v = self._qkv(x, rope)
-        ak.append_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        shape = (*x.shape[:-1], self.n_head, self.head_dim)
+        q = apply_rope(self.to_q(x).view(shape), rope)
+        append_rotated(self.to_k(x).view(shape), self.to_v(x).view(shape), k_cache, v_cache, batch.slot_mapping, rope)
         o, _ = ak.paged_attention(
             q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_in, batch.max_in, causal=causal
         )
@@ -256,11 +288,12 @@ class TwoPassDecoder(nn.Module):
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
 
-    def shared_kv(self, x: torch.Tensor, rope: torch.Tensor):
-        """The K/V every cross layer attends: x [..., T, dim] -> k (RoPE'd), v [..., T, H, D]."""
+    def shared_kv(self, x: torch.Tensor, rope: torch.Tensor, rotate: bool = True):
+        """The K/V every cross layer attends: x [..., T, dim] -> k (RoPE'd unless not rotate), v [..., T, H, D]."""
         xn = self.norm(x)
         shape = (*x.shape[:-1], self.n_head, self.head_dim)
-        return apply_rope(self.to_k(xn).view(shape), rope), self.to_v(xn).view(shape)
+        k = self.to_k(xn).view(shape)
+        return apply_rope(k, rope) if rotate else k, self.to_v(xn).view(shape)
 
     def forward(self, x, q, rope_in, rope_q):
         for layer in self.self_dec:
@@ -404,9 +437,9 @@ class ARPG(nn.Module):
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers.self_dec):
             x = layer.forward_paged(x, rope_in, *cache.layer(i), batch, causal)
-        k, v = self.layers.shared_kv(x, rope_in)
+        k, v = self.layers.shared_kv(x, rope_in, rotate=False)
         k_cache, v_cache = cache.layer(len(self.layers.self_dec))
-        ak.append_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        append_rotated(k, v, k_cache, v_cache, batch.slot_mapping, rope_in)
         q = self.mask_queries(pos_q.shape[0])
         for layer in self.layers.cross_dec:
             q = layer.forward_paged(q, rope_q, k_cache, v_cache, batch)

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 import arpg_kernels as ak
-from arpg_kernels import reference
+from arpg_kernels import checks, reference
+
+from .model import fusions_enabled
 
 __all__ = ["SCHEDULES", "token_schedule", "cfg_scales", "guide", "filter_logits", "draw_uniforms", "sample", "make_generator", "make_generators"]
 
@@ -122,7 +124,11 @@ def sample(
         uniforms = torch.zeros(n, dtype=torch.float64, device=x.device)  # unused: greedy draws nothing
     elif uniforms is None:
         uniforms = draw_uniforms(n, generator, x.device)
-    out = ak.sample_tokens(x, uniforms, un, scale, float(temperature), int(top_k or 0), float(top_p))
+    if fusions_enabled():  # the model's switch (`arpg.model.step_fusions`) covers the sampler too
+        out = ak.sample_tokens(x, uniforms, un, scale, float(temperature), int(top_k or 0), float(top_p))
+    else:  # the same steps as separate torch ops
+        checks.check_sample_tokens(x, un, scale, uniforms, float(temperature), int(top_k or 0), float(top_p))
+        out = reference.sample_tokens(x, un, scale, uniforms, float(temperature), int(top_k or 0), float(top_p))
     return out.view(lead)
 
 

@@ -12,6 +12,7 @@ from .checks import set_checks, value_checks
 from .ops import (
     BACKENDS,
     append_kv,
+    append_kv_rope,
     attention,
     get_backend,
     merge_attention_states,
@@ -29,6 +30,7 @@ __all__ = [
     "PagedKVCache",
     "StepPlan",
     "append_kv",
+    "append_kv_rope",
     "attention",
     "get_backend",
     "merge_attention_states",

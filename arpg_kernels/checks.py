@@ -277,3 +277,16 @@ def check_sample_tokens(logits, uncond, cfg_scale, uniforms, temperature, top_k,
         raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+
+
+def check_rope_table(k: torch.Tensor, table) -> None:
+    _tensor("rope", table, 3)
+    if table.dtype != torch.float32:
+        raise ValueError(f"rope must be float32 (cos, sin pairs), got {table.dtype}")
+    d = k.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+    want = (k.shape[0], d // 2, 2)
+    if tuple(table.shape) != want:
+        raise ValueError(f"rope must have shape [T, D // 2, 2] = {want}, got {tuple(table.shape)}")
+    _same_device("k", k, rope=table)

@@ -23,14 +23,14 @@ from torch import Tensor
 from . import _build
 
 __all__ = [
-    "PAGED_ATTENTION_DTYPES", "append_kv", "attention_backward", "attention_forward", "is_available", "load_error",
+    "PAGED_ATTENTION_DTYPES", "append_kv", "append_kv_rope", "attention_backward", "attention_forward", "is_available", "load_error",
     "merge_attention_states", "paged_attention", "sample_tokens", "supports",
 ]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_OPS = ("paged_attention", "append_kv", "merge_attention_states", "sample_tokens")  # the C++ ops of arpg_cpu
+_OPS = ("paged_attention", "append_kv", "append_kv_rope", "merge_attention_states", "sample_tokens")  # the C++ ops of arpg_cpu
 _DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attention CPU kernels
 
 
@@ -64,6 +64,7 @@ if _load_error is None:
     for _name, _fake in (
         ("paged_attention", _paged_attention_fake),
         ("append_kv", lambda *args: None),
+        ("append_kv_rope", lambda *args: None),
         ("merge_attention_states", lambda out_a, lse_a, out_b, lse_b: (out_a.new_empty(out_a.shape),
                                                                        lse_a.new_empty(lse_a.shape))),
         ("sample_tokens", lambda logits, *args: logits.new_empty(logits.shape[:1], dtype=torch.int64)),
@@ -190,6 +191,14 @@ def append_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappi
     if _load_error is not None:
         raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
     torch.ops.arpg_cpu.append_kv(k, v, k_cache, v_cache, slot_mapping.contiguous())
+
+
+def append_kv_rope(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                   rope: Tensor) -> None:
+    """`append_kv` of k rotated by rope (float32 [T, D // 2, 2], (cos, sin)) and v, in place."""
+    if _load_error is not None:
+        raise RuntimeError(f"arpg: the cpu backend is unavailable: {_load_error}")
+    torch.ops.arpg_cpu.append_kv_rope(k, v, k_cache, v_cache, slot_mapping.contiguous(), rope.contiguous())
 
 
 def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:

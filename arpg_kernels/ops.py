@@ -137,6 +137,9 @@ _lib.define(
     "Tensor cu_q_lens, int max_q_len, bool causal=False, float? scale=None, bool return_lse=False) -> (Tensor, Tensor)"
 )
 _lib.define("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()")
+_lib.define(
+    "append_kv_rope(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor rope) -> ()"
+)
 _lib.define("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None) -> (Tensor, Tensor)")
 _lib.define(
     "attention_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -185,6 +188,20 @@ def _append_kv(k, v, k_cache, v_cache, slot_mapping):
 @_fake("append_kv")
 def _(k, v, k_cache, v_cache, slot_mapping):
     checks.check_append_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_impl("append_kv_rope")
+def _append_kv_rope(k, v, k_cache, v_cache, slot_mapping, rope):
+    checks.check_append_kv(k, v, k_cache, v_cache, slot_mapping)
+    checks.check_rope_table(k, rope)
+    resolve_backend("append_kv_rope", k, k_cache, slot_mapping).append_kv_rope(k, v, k_cache, v_cache, slot_mapping,
+                                                                               rope)
+
+
+@_fake("append_kv_rope")
+def _(k, v, k_cache, v_cache, slot_mapping, rope):
+    checks.check_append_kv(k, v, k_cache, v_cache, slot_mapping)
+    checks.check_rope_table(k, rope)
 
 
 @_impl("attention")
@@ -304,6 +321,18 @@ def append_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappi
         slot_mapping: int64 [T], slot = page * page_size + offset; -1 skips the row.
     """
     torch.ops.arpg.append_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def append_kv_rope(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, rope: Tensor) -> None:
+    """`append_kv` with RoPE applied to k on the way into the cache, in one op.
+
+    Args:
+        k, v: [T, Hkv, D] in the cache's dtype (k not yet rotated; D even).
+        k_cache, v_cache, slot_mapping: as `append_kv`.
+        rope: float32 [T, D // 2, 2], (cos, sin) of each pair (k[2i], k[2i+1]) of row t, which becomes
+            (k0 cos - k1 sin, k1 cos + k0 sin) in float32, then the cache's dtype (the original's RoPE).
+    """
+    torch.ops.arpg.append_kv_rope(k, v, k_cache, v_cache, slot_mapping, rope)
 
 
 def attention(

@@ -13,6 +13,8 @@ import torch
 __all__ = [
     "paged_attention",
     "append_kv",
+    "append_kv_rope",
+    "rope",
     "attention_forward",
     "attention_backward",
     "merge_attention_states",
@@ -135,6 +137,24 @@ def append_kv(
     pad_v.index_copy_(0, slots, v.to(v_cache.dtype))
     flat_k.copy_(pad_k[:-1])
     flat_v.copy_(pad_v[:-1])
+
+
+def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by table[..., i, :] = (cos, sin), in float32; returns x's
+    dtype. x: [T, H, D]; table: float32 [T, D // 2, 2]. The original's four products and two sums."""
+    xs = x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    r = table.float().unsqueeze(-3)
+    cos, sin = r[..., 0], r[..., 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def append_kv_rope(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    table: torch.Tensor,
+) -> None:
+    """`append_kv` of rope(k, table) (table: float32 [T, D // 2, 2]) and v."""
+    append_kv(rope(k, table), v, k_cache, v_cache, slot_mapping)
 
 
 def _dense_mask(lq: int, lk: int, causal: bool, device) -> torch.Tensor:

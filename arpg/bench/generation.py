@@ -20,6 +20,7 @@ from arpg import ARPG, RasterLM
 from arpg.config import ARPGConfig
 from arpg.eager import eager_generate
 from arpg.engine import Engine
+from arpg.model import step_fusions
 
 from .common import Budget, Record, fmt, timing
 from .plot import STEP_PARTS
@@ -68,12 +69,18 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
             engine = Engine(model, rows, use_cuda_graphs=True)
             raster_engine = Engine(raster, rows, use_cuda_graphs=True)
             for steps in grid["steps"]:
+                def unfused():
+                    with step_fusions(False):
+                        return engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
+
                 runs = {
                     "arpg-engine": lambda: engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0),
+                    "arpg-engine-unfused": unfused,  # the same engine, RoPE + append and sampling as torch ops
                     "arpg-eager": lambda: eager_generate(model, labels, steps, cfg_scale=cfg_scale, seed=0),
                     "raster-engine": lambda: raster_engine.generate(labels, cfg_scale=cfg_scale, seed=0),
                 }
-                n_steps = {"arpg-engine": steps, "arpg-eager": steps, "raster-engine": raster_cfg.seq_len}
+                n_steps = {"arpg-engine": steps, "arpg-engine-unfused": steps, "arpg-eager": steps,
+                           "raster-engine": raster_cfg.seq_len}
                 for fn in runs.values():  # warm-up: graph capture, allocator, autotuning
                     fn()
                 _sync(device)
@@ -96,6 +103,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 if device.type != "cuda":
                     peaks = {
                         "arpg-engine": engine.cache.nbytes / 2**20,
+                        "arpg-engine-unfused": engine.cache.nbytes / 2**20,
                         "arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
                         "raster-engine": raster_engine.cache.nbytes / 2**20,
                     }
@@ -120,13 +128,16 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 ratio_raster = summary["arpg-engine"]["images_per_s"] / summary["raster-engine"]["images_per_s"]
                 record.add("generation", "generate", "ratio", cfg, "ratio_engine/eager", "x", ratio_eager)
                 record.add("generation", "generate", "ratio", cfg, "ratio_arpg/raster", "x", ratio_raster)
-                summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster)
+                ratio_fused = summary["arpg-engine"]["images_per_s"] / summary["arpg-engine-unfused"]["images_per_s"]
+                record.add("generation", "generate", "ratio", cfg, "ratio_fused/unfused", "x", ratio_fused)
+                summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster, fused_vs_unfused=ratio_fused)
                 summaries.append(summary)
                 ips = {key: fmt(summary[key]["images_per_s"]) for key in runs}
                 print(
                     f"  {name} {steps} steps batch {batch}: engine {ips['arpg-engine']} img/s, "
                     f"eager {ips['arpg-eager']}, raster {ips['raster-engine']}; "
-                    f"engine/eager {fmt(ratio_eager)}x, ARPG/raster {fmt(ratio_raster)}x"
+                    f"engine/eager {fmt(ratio_eager)}x, ARPG/raster {fmt(ratio_raster)}x, fused/unfused step ops "
+                    f"{fmt(ratio_fused)}x"
                 )
                 if progress is not None:
                     progress.update(1)

@@ -4,7 +4,7 @@ Inputs arrive validated and `scale` resolved. Without a GPU the kernels run on C
 TRITON_INTERPRET=1, which must be set before triton is first imported.
 """
 
-from .append_kv import append_kv
+from .append_kv import append_kv, append_kv_rope
 from .attention import attention_backward, attention_forward
 from .merge import merge_attention_states
 from .paged_attention import paged_attention
@@ -34,6 +34,7 @@ __all__ = [
     "supports",
     "paged_attention",
     "append_kv",
+    "append_kv_rope",
     "attention_forward",
     "attention_backward",
     "merge_attention_states",

@@ -1,6 +1,6 @@
-// arpg_cpu::paged_attention, append_kv, merge_attention_states and sample_tokens: the CPU backend behind torch.ops.arpg.* (arpg_kernels/cpu.py
-// routes there after the shared Python checks). Work items are (sequence, KV head, block of queries),
-// taken costliest first by torch's intra-op threads; each streams its sequence's pages in place
+// arpg_cpu::paged_attention, append_kv(_rope), merge_attention_states and sample_tokens: the CPU backend
+// behind torch.ops.arpg.* (arpg_kernels/cpu.py routes there after the shared Python checks). Work items
+// are (sequence, KV head, block of queries), taken costliest first by torch's intra-op threads; each streams its sequence's pages in place
 // (csrc/include/arpg/cpu/paged_attention.h). Importing the Python module arpg_kernels._cpu loads this
 // library and so registers the ops.
 #include <ATen/Parallel.h>
@@ -264,6 +264,86 @@ std::tuple<at::Tensor, at::Tensor> MergeAttentionStates(const at::Tensor& out_a,
 namespace arpg {
 namespace {
 
+// (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) in float, each product rounded before the sum as torch's ops do
+// (no FMA contraction), for the D / 2 pairs of one row.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void RotatePairs(const float* x, const float* table, int64_t pairs, float* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float c = table[2 * i], s = table[2 * i + 1], x0 = x[2 * i], x1 = x[2 * i + 1];
+    out[2 * i] = x0 * c - x1 * s;
+    out[2 * i + 1] = x1 * c + x0 * s;
+  }
+}
+
+template <typename T>
+void AppendKvRopeTyped(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const int64_t* slots, const float* table) {
+  const int64_t rows = k.size(0), heads = k.size(1), dim = k.size(2), pairs = dim / 2;
+  const int64_t page_size = k_cache.size(1), slots_total = k_cache.size(0) * page_size;
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  T* kc = reinterpret_cast<T*>(k_cache.data_ptr());
+  T* vc = reinterpret_cast<T*>(v_cache.data_ptr());
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(dim), y(dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slots[t];
+      if (slot < 0 || slot >= slots_total) continue;  // -1 skips; the Python checks refuse the rest
+      const int64_t page = slot / page_size, off = slot % page_size;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* src = kp + t * k.stride(0) + h * k.stride(1);
+        for (int64_t d = 0; d < dim; ++d) x[d] = static_cast<float>(src[d]);
+        RotatePairs(x.data(), table + t * pairs * 2, pairs, y.data());
+        T* dst = kc + page * k_cache.stride(0) + off * k_cache.stride(1) + h * k_cache.stride(2);
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(y[d]);
+        std::memcpy(vc + page * v_cache.stride(0) + off * v_cache.stride(1) + h * v_cache.stride(2),
+                    vp + t * v.stride(0) + h * v.stride(1), dim * sizeof(T));
+      }
+    }
+  });
+}
+
+// append_kv with k rotated on the way in: rope float32 [T, D / 2, 2] (cos, sin), contiguous.
+void AppendKvRope(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+                  const at::Tensor& slot_mapping, const at::Tensor& rope) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && k.sizes() == v.sizes(),
+              "arpg_cpu::append_kv_rope: bad ranks");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type() &&
+                  k.scalar_type() == v.scalar_type(),
+              "arpg_cpu::append_kv_rope: k, v and the caches must share a dtype");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "arpg_cpu::append_kv_rope: the head dim must be contiguous");
+  TORCH_CHECK(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3) && k_cache.sizes() == v_cache.sizes(),
+              "arpg_cpu::append_kv_rope: rows must match the caches' [Hkv, D]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0),
+              "arpg_cpu::append_kv_rope: slot_mapping must be contiguous int64 [T]");
+  TORCH_CHECK(k.size(2) % 2 == 0 && rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.dim() == 3 &&
+                  rope.size(0) == k.size(0) && rope.size(1) == k.size(2) / 2 && rope.size(2) == 2,
+              "arpg_cpu::append_kv_rope: rope must be contiguous float32 [T, D / 2, 2] (D even)");
+  if (k.size(0) == 0 || k.size(1) == 0 || k.size(2) == 0) return;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float* table = rope.data_ptr<float>();
+  switch (k.scalar_type()) {
+    case at::kFloat:
+      AppendKvRopeTyped<float>(k, v, k_cache, v_cache, slots, table);
+      break;
+    case at::kHalf:
+      AppendKvRopeTyped<c10::Half>(k, v, k_cache, v_cache, slots, table);
+      break;
+    case at::kBFloat16:
+      AppendKvRopeTyped<c10::BFloat16>(k, v, k_cache, v_cache, slots, table);
+      break;
+    default:
+      TORCH_CHECK(false, "arpg_cpu::append_kv_rope: dtype must be float32, float16 or bfloat16, got ", k.scalar_type());
+  }
+}
+
 // One token per row of logits [T, V] float32 (guided by uncond [T, V] and cfg_scale [T] when given), drawn
 // against uniforms [T] float64 (arpg/cpu/sample.h). Rows are independent: split over the threads.
 at::Tensor SampleTokens(const at::Tensor& logits, const c10::optional<at::Tensor>& uncond,
@@ -317,6 +397,9 @@ TORCH_LIBRARY(arpg_cpu, m) {
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor kv_lens, "
       "Tensor cu_q_lens, int max_q_len, bool causal, float scale, bool return_lse) -> (Tensor out, Tensor lse)");
   m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "append_kv_rope(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor rope) -> "
+      "()");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
   m.def(
       "sample_tokens(Tensor logits, Tensor? uncond, Tensor? cfg_scale, Tensor uniforms, float temperature, "
@@ -326,6 +409,7 @@ TORCH_LIBRARY(arpg_cpu, m) {
 TORCH_LIBRARY_IMPL(arpg_cpu, CPU, m) {
   m.impl("paged_attention", &arpg::PagedAttention);
   m.impl("append_kv", &arpg::AppendKv);
+  m.impl("append_kv_rope", &arpg::AppendKvRope);
   m.impl("merge_attention_states", &arpg::MergeAttentionStates);
   m.impl("sample_tokens", &arpg::SampleTokens);
 }

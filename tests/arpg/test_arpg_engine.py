@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import arpg_kernels as ak
-from arpg import Engine, cfg_scales, eager_generate, generate, token_schedule
+from arpg import ARPG, Engine, cfg_scales, eager_generate, generate, token_schedule
+from arpg.config import ARPGConfig
 from arpg.engine import _ENGINES
 
 
@@ -159,3 +160,18 @@ def test_guidance_is_the_formula(make_model, path):
         want = (u + (c - u) * scale).argmax(-1)
         assert torch.equal(tokens[:, order[done : done + n]], want)
         done += n
+
+
+def test_step_fusions_off_gives_the_same_tokens():
+    # RoPE inside the append and the one-op sampler against RoPE, append and sampling as separate ops.
+    from arpg.model import step_fusions
+
+    torch.manual_seed(0)
+    model = ARPG(ARPGConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=4, grid_size=4)).eval()
+    with torch.no_grad():  # the initial head gives every token the same logit: top-p would only meet ties,
+        model.head.weight.normal_()  # which the fused sampler keeps whole and the torch ops cut in sort order
+    labels = torch.tensor([0, 3])
+    fused = generate(model, labels, num_steps=5, cfg_scale=3.0, top_k=20, top_p=0.9, seed=1)
+    with step_fusions(False):
+        unfused = generate(model, labels, num_steps=5, cfg_scale=3.0, top_k=20, top_p=0.9, seed=1)
+    assert torch.equal(fused, unfused)
