@@ -184,7 +184,10 @@ def device_name(device: torch.device | str) -> str:
 
 def _git_commit() -> str:
     """The source checkout's commit; for an installed package (no checkout of ours around it, though
-    site-packages may sit inside someone else's repository) the package version."""
+    site-packages may sit inside someone else's repository) the package version. ARPG_GIT_COMMIT, when set,
+    names it for a copy of the tree without .git (a borrowed GPU's, scripts/gpu_session.sh)."""
+    if os.environ.get("ARPG_GIT_COMMIT"):
+        return os.environ["ARPG_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     if not ((root / ".git").exists() and (root / "arpg_kernels" / "_version.py").is_file()):
         return f"v{__version__}"

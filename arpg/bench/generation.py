@@ -9,6 +9,7 @@ on CPU the K/V bytes each path holds at the end of a generation and the process'
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import resource
 import time
@@ -16,7 +17,9 @@ from collections import defaultdict
 
 import torch
 
+import arpg_kernels as ak
 from arpg import ARPG, RasterLM
+from arpg import model as arpg_model
 from arpg.config import ARPGConfig
 from arpg.eager import eager_generate
 from arpg.engine import Engine
@@ -30,6 +33,7 @@ CPU_CONFIG = ARPGConfig(dim=128, n_layer=4, n_head=2, vocab_size=1024, num_class
 
 GPU_GRID = dict(models=["ARPG-L", "ARPG-XL", "ARPG-XXL"], steps=[32, 64], batches=[1, 16, 64, 256])
 CPU_GRID = dict(models=["cpu-tiny"], steps=[32, 64], batches=[1, 4, 16])
+SHORT_GRID = dict(models=["ARPG-L"], steps=[64], batches=[64])  # a borrowed GPU's minutes: the issue's headline point
 
 # One generation takes up to seconds (raster on a CPU: 256 steps, 2-7 s), so each provider gets at least
 # 3 runs and stops adding runs after 3 s of them: the default CPU grid stays a few minutes.
@@ -52,6 +56,20 @@ def _eager_kv_bytes(model: ARPG, rows: int) -> int:
     return 2 * model.num_cache_layers * rows * (c.seq_len) * c.dim * next(model.parameters()).element_size()
 
 
+@contextlib.contextmanager
+def all_triton():
+    """Every arpg op on its Triton kernel, RoPE inside the append and the one-op sampler included: the GPU
+    engine as it would run if the Triton kernels won every kernel benchmark (auto picks per op)."""
+    saved = set(arpg_model.FUSED_ROPE_APPEND)
+    arpg_model.FUSED_ROPE_APPEND.add("cuda")
+    try:
+        with ak.use_backend("triton"):
+            yield
+    finally:
+        arpg_model.FUSED_ROPE_APPEND.clear()
+        arpg_model.FUSED_ROPE_APPEND.update(saved)
+
+
 def bench_generation(record: Record, device: torch.device, grid: dict, dtype: torch.dtype, cfg_scale: float = 4.0,
                      budget: Budget = GENERATION_BUDGET, progress=None) -> list[dict]:
     """Run the grid, timing each provider until `budget` is met; returns one summary dict per
@@ -68,6 +86,8 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
             rows = 2 * batch
             engine = Engine(model, rows, use_cuda_graphs=True)
             raster_engine = Engine(raster, rows, use_cuda_graphs=True)
+            # Its own engine: CUDA graphs captured under all_triton() replay those kernels.
+            triton_engine = Engine(model, rows, use_cuda_graphs=True) if device.type == "cuda" else None
             for steps in grid["steps"]:
                 def unfused():
                     with step_fusions(False):
@@ -81,6 +101,13 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 }
                 n_steps = {"arpg-engine": steps, "arpg-engine-unfused": steps, "arpg-eager": steps,
                            "raster-engine": raster_cfg.seq_len}
+                if triton_engine is not None:
+                    def all_triton_run():
+                        with all_triton():
+                            return triton_engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
+
+                    runs["arpg-engine-triton"] = all_triton_run
+                    n_steps["arpg-engine-triton"] = steps
                 for fn in runs.values():  # warm-up: graph capture, allocator, autotuning
                     fn()
                 _sync(device)
@@ -131,6 +158,10 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 ratio_fused = summary["arpg-engine"]["images_per_s"] / summary["arpg-engine-unfused"]["images_per_s"]
                 record.add("generation", "generate", "ratio", cfg, "ratio_fused/unfused", "x", ratio_fused)
                 summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster, fused_vs_unfused=ratio_fused)
+                if "arpg-engine-triton" in summary:
+                    ratio_triton = summary["arpg-engine-triton"]["images_per_s"] / summary["arpg-engine"]["images_per_s"]
+                    record.add("generation", "generate", "ratio", cfg, "ratio_all-triton/auto", "x", ratio_triton)
+                    summary.update(all_triton_vs_auto=ratio_triton)
                 summaries.append(summary)
                 ips = {key: fmt(summary[key]["images_per_s"]) for key in runs}
                 print(
@@ -141,7 +172,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 )
                 if progress is not None:
                     progress.update(1)
-            del engine, raster_engine
+            del engine, raster_engine, triton_engine
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -24,6 +24,11 @@ GPU_PAGED_GRID = dict(
     page_size=[16, 64],
 )
 CPU_PAGED_GRID = dict(heads=[16], head_dim=[64], kv_len=[257], q_per_seq=[1, 16, 64], batch=[4, 16, 64], page_size=[16])
+# The short GPU grid (a borrowed GPU's few minutes, scripts/gpu_session.sh): ARPG-L's 16 heads at batch 128,
+# from early decoding (17 keys) to a 32x32 grid's end, without flex attention's compile per shape.
+SHORT_PAGED_GRID = dict(heads=[16], head_dim=[64], kv_len=[17, 65, 257, 1025], q_per_seq=[1, 4, 16, 64], batch=[128],
+                        page_size=[16])
+GRIDS = ("quick", "short", "full")
 
 
 def paged_inputs(batch, heads, head_dim, kv_len, q_per_seq, page_size, dtype, device, seed=0):
@@ -230,16 +235,21 @@ def bench_sampling(record: Record, device: torch.device, grid: dict, budget: Bud
                 record.add_timing("kernels", "sample_tokens", name, cfg, time_fn(fn, device=device, budget=budget))
 
 
-def run(record: Record, device: torch.device, quick: bool, progress_factory=None) -> None:
+def run(record: Record, device: torch.device, grid_name: str, progress_factory=None) -> None:
+    """The kernel part of arpg-bench on `grid_name` (one of GRIDS): quick is the CPU grid, short and full GPU ones."""
+    if grid_name not in GRIDS:
+        raise ValueError(f"kernels.run: grid {grid_name!r} is not one of {GRIDS}")
+    quick = grid_name == "quick"
     bandwidth = measure_copy_bandwidth(device)
     record.add("kernels", "copy", "torch", {}, "bandwidth", "GB/s", bandwidth / 1e9)
     print(f"measured copy bandwidth: {fmt(bandwidth / 1e9)} GB/s (read + write)")
     dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
-    grid = CPU_PAGED_GRID if quick else GPU_PAGED_GRID
-    points = math.prod(len(v) for v in grid.values()) * len(_paged_providers(device)) * len(dtypes)
+    grid = {"quick": CPU_PAGED_GRID, "short": SHORT_PAGED_GRID, "full": GPU_PAGED_GRID}[grid_name]
+    providers = [p for p in _paged_providers(device) if not (grid_name == "short" and p == "flex-gathered")]
+    points = math.prod(len(v) for v in grid.values()) * len(providers) * len(dtypes)
     progress = progress_factory(total=points) if progress_factory else None
     for dtype in dtypes:
-        bench_paged(record, device, grid, dtype, bandwidth, progress=progress)
+        bench_paged(record, device, grid, dtype, bandwidth, providers=providers, progress=progress)
     if progress is not None:
         progress.close()
     shapes = [dict(batch=2, seq_len=256, heads=4, head_dim=64)] if quick else [

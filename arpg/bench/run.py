@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
                              "measured in the first pass)")
     parser.add_argument("--quick", action="store_true",
                         help="the quick (CPU) grid even on a GPU (default: quick on a CPU, full on a GPU)")
+    parser.add_argument("--short", action="store_true",
+                        help="the short GPU grid (ARPG-L only, batch 64, 64 steps; 16 paged-attention points; no "
+                             "flex attention): the few minutes of scripts/gpu_session.sh on a borrowed GPU")
     parser.add_argument("--models", default=None,
                         help=f"comma-separated model names: cpu-tiny, ARPG-L, ARPG-XL, ARPG-XXL (default: "
                              f"{_csv(quick['models'])} quick, {_csv(full['models'])} full)")
@@ -102,12 +105,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
+    if args.quick and args.short:
+        parser.error("--quick and --short pick different grids: give one")
+    if args.short and torch.device(args.device).type != "cuda":
+        parser.error(f"--short is a GPU grid (ARPG-L); on {args.device} the quick grid runs: leave --short out")
     quick_grid = args.quick or device.type != "cuda"
+    grid_name = "quick" if quick_grid else "short" if args.short else "full"
     out = args.out or new_run_dir(f"bench-{slug(device_name(device))}")
     record = Record(out / "results.csv", device)
     load = _record_load(record, "start")
     print(f"arpg-bench on {record.env['device']} (torch {record.env['torch']}, triton {record.env['triton']}), "
-          f"{'quick' if quick_grid else 'full'} grid, {torch.get_num_threads()} CPU threads, "
+          f"{grid_name} grid, {torch.get_num_threads()} CPU threads, "
           f"load {load:.2f} on {os.cpu_count()} CPUs; writing to {out}/")
     try:
         from tqdm import tqdm as progress_factory
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         progress_factory = None
 
     if args.only in (None, "generation"):
-        grid = dict(quick if quick_grid else full)
+        grid = dict({"quick": quick, "short": generation.SHORT_GRID, "full": full}[grid_name])
         for key, conv in (("models", str), ("batches", int), ("steps", int)):
             value = getattr(args, key)
             if value:
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in grid["models"]:
             generation.profile_engine_step(record, device, name, max(grid["batches"]), max(grid["steps"]), dtype)
     if args.only in (None, "serving"):
-        stream = dict(serving.CPU_STREAM if quick_grid else serving.GPU_STREAM)
+        stream = dict({"quick": serving.CPU_STREAM, "short": serving.SHORT_STREAM, "full": serving.GPU_STREAM}[grid_name])
         if args.models:
             stream["model"] = args.models.split(",")[0]
         print(f"serving: GenerationQueue vs one generate call per request ({stream['requests']} requests of "
@@ -139,14 +147,15 @@ def main(argv: list[str] | None = None) -> None:
         serving.bench_serving(record, device, torch.bfloat16 if device.type == "cuda" else torch.float32, stream,
                               rate=args.rate)
     if args.only in (None, "training"):
-        grid = dict(training.CPU_TRAINING if quick_grid else training.GPU_TRAINING)
+        grid = dict({"quick": training.CPU_TRAINING, "short": training.SHORT_TRAINING,
+                     "full": training.GPU_TRAINING}[grid_name])
         if args.models:
             grid["model"] = args.models.split(",")[0]
         print(f"training: tokens/s of arpg.train's step ({grid['model']}, batch {grid['batch']}, one process)")
         training.bench_training(record, device, grid)
     if args.only in (None, "kernels"):
         print("kernels: paged_attention per provider, dense attention fwd+bwd")
-        kernels.run(record, device, quick_grid, progress_factory=None if quick_grid else progress_factory)
+        kernels.run(record, device, grid_name, progress_factory=None if quick_grid else progress_factory)
     _record_load(record, "end")
 
     rows = record.rows

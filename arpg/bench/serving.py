@@ -33,6 +33,7 @@ from .generation import _config, _sync
 
 CPU_STREAM = dict(model="cpu-tiny", requests=16, max_images=8, steps=[16, 32], max_rows=32, rounds=2)
 GPU_STREAM = dict(model="ARPG-L", requests=64, max_images=16, steps=[32, 64], max_rows=256, rounds=2)
+SHORT_STREAM = dict(GPU_STREAM, requests=24)
 CFG = 4.0
 
 

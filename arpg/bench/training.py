@@ -20,6 +20,7 @@ from .generation import _config
 
 CPU_TRAINING = dict(model="cpu-tiny", batch=16, steps=30, warmup=10, compile=[False])
 GPU_TRAINING = dict(model="ARPG-L", batch=32, steps=40, warmup=10, compile=[False, True])
+SHORT_TRAINING = dict(GPU_TRAINING, steps=20, warmup=5, compile=[False])
 
 
 def random_codes(config: ARPGConfig, n: int, seed: int = 0) -> TensorCodes:
