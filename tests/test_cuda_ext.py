@@ -184,6 +184,25 @@ def _check_against_reference(case: PagedCase, *, num_splits=None, return_lse=Tru
 
 
 @pytest.mark.cuda_ext
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_attention_size_one_dims_with_odd_strides(splits):
+    """A size-1 dim may carry any stride (torch never steps along it): one token, one KV head, a pool of
+    one page. The kernel must serve it (the adapter used to pass the stride on, and the launcher refused
+    it with a bare cudaErrorInvalidValue)."""
+    g = torch.Generator().manual_seed(0)
+    d, ps, h = 64, 64, 4
+    base = torch.randn(1, h, d + 8, generator=g).to("cuda", torch.bfloat16)
+    q = base.as_strided((1, h, d), (5, d + 8, 1))  # stride(0) = 5: not a multiple of 8, but size 1
+    pool = torch.randn(1, ps, 1, d, generator=g).to("cuda", torch.bfloat16)
+    k_cache = pool.as_strided((1, ps, 1, d), (3, d, 7, 1))  # pages and heads of size 1, odd strides
+    v_cache = pool.clone().as_strided((1, ps, 1, d), (3, d, 7, 1))
+    table = torch.zeros(1, 3, dtype=torch.int32, device="cuda")  # the one page three times: 3 key tiles to split
+    lens = torch.tensor([2 * ps + 22], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    _check_against_reference(PagedCase(q, k_cache, v_cache, table, lens, cu, 1, False), num_splits=splits)
+
+
+@pytest.mark.cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("seed", range(40))
 def test_paged_attention_random_families(seed, dtype):

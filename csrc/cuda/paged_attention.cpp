@@ -20,6 +20,11 @@ namespace {
 
 constexpr const char* kOp = "arpg_cuda::paged_attention";
 
+// The stride the kernel steps by along dim d: 0 for a size-1 dim, which is never stepped along and whose
+// stride torch leaves arbitrary (Aligned16 ignores it too; passed as is it could fail the launcher's
+// multiple-of-8 check with an opaque cudaErrorInvalidValue).
+int64_t StepStride(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
+
 template <typename T, int HEAD_DIM>
 cudaError_t Launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_table, const at::Tensor& kv_lens, const at::Tensor& cu_q_lens,
@@ -36,16 +41,16 @@ cudaError_t Launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
   p.partial_out = num_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
   p.partial_lse = num_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
-  p.q_stride_token = q.stride(0);
-  p.q_stride_head = q.stride(1);
-  p.out_stride_token = out.stride(0);
-  p.out_stride_head = out.stride(1);
-  p.k_stride_page = k_cache.stride(0);
-  p.k_stride_token = k_cache.stride(1);
-  p.k_stride_head = k_cache.stride(2);
-  p.v_stride_page = v_cache.stride(0);
-  p.v_stride_token = v_cache.stride(1);
-  p.v_stride_head = v_cache.stride(2);
+  p.q_stride_token = StepStride(q, 0);
+  p.q_stride_head = StepStride(q, 1);
+  p.out_stride_token = StepStride(out, 0);
+  p.out_stride_head = StepStride(out, 1);
+  p.k_stride_page = StepStride(k_cache, 0);
+  p.k_stride_token = StepStride(k_cache, 1);
+  p.k_stride_head = StepStride(k_cache, 2);
+  p.v_stride_page = StepStride(v_cache, 0);
+  p.v_stride_token = StepStride(v_cache, 1);
+  p.v_stride_head = StepStride(v_cache, 2);
   p.block_table_stride = block_table.stride(0);
   p.num_tokens = static_cast<int>(q.size(0));
   p.num_heads = static_cast<int>(q.size(1));

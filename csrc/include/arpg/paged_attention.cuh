@@ -311,7 +311,10 @@ __global__ void __launch_bounds__(kMergeThreads) MergeSplitsKernel(const PagedAt
   constexpr int kRowsPerBlock = kMergeThreads / kThreadsPerRow;
   const int64_t num_rows = int64_t(p.num_tokens) * p.num_heads;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
-  if (row >= num_rows) return;
+  // Rows past the last sequence's queries have no partial results (the attention kernel never wrote
+  // them): read nothing there and leave out and lse as they were.
+  const int64_t owned_rows = int64_t(p.cu_q_lens[p.num_seqs]) * p.num_heads;
+  if (row >= num_rows || row >= owned_rows) return;
   const int col = (threadIdx.x % kThreadsPerRow) * 4;
 
   float m = -INFINITY;
