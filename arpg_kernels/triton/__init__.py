@@ -18,12 +18,13 @@ def _pow2(n: int) -> bool:
 def supports(op: str, *tensors) -> bool:
     """Whether the kernels handle these inputs (the first tensor is q, or k for append_kv, or out_a).
 
-    Attention needs a power-of-two head_dim >= 16 and paged attention a power-of-two page size; the
-    other ops take any size. `resolve_backend` falls back to the reference otherwise.
+    Attention needs a power-of-two head_dim in [16, 128] (the tiles are chosen, spill-free, up to 128)
+    and paged attention a power-of-two page size; the other ops take any size. `resolve_backend` falls
+    back to the reference otherwise.
     """
     if op in ("paged_attention", "attention_forward", "attention_backward"):
         d = tensors[0].shape[-1]
-        if not (_pow2(d) and d >= 16):
+        if not (_pow2(d) and 16 <= d <= 128):
             return False
     if op == "paged_attention":
         return _pow2(tensors[1].shape[1])

@@ -33,17 +33,32 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Split the KV loop only when each split still gets at least this many keys.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 16
+# The largest head_dim the launch shapes are chosen (and gated spill-free, scripts/compile_gates.py) for.
+MAX_HEAD_DIM = 128
+
+
+@triton.jit
+def _tile_pages(p_bt, start, hi, stride_btp, num_pages, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Page ids of the key tile at `start`: one (a scalar) when the tile sits in one page, else one per key;
+    keys at or past `hi` read page 0. Clamped into [0, num_pages): unchecked input never reads outside the
+    cache. The loops fetch the next tile's ids before computing the current tile, so the K/V loads of the
+    next iteration do not wait on a block-table load."""
+    if PAGE_SIZE >= BLOCK_N:
+        # Tiles start on multiples of BLOCK_N, so a tile never straddles a page.
+        i_page = tl.load(p_bt + (start // PAGE_SIZE) * stride_btp, mask=start < hi, other=0)
+    else:
+        o_n = start + tl.arange(0, BLOCK_N)
+        i_page = tl.load(p_bt + (o_n // PAGE_SIZE) * stride_btp, mask=o_n < hi, other=0)
+    return tl.minimum(tl.maximum(i_page, 0), num_pages - 1).to(tl.int64)
 
 
 @triton.jit
 def _paged_attention_tile(
-    b_acc, b_l, b_m, b_q,
-    p_k, p_v, p_bt, start, hi, b_limit,
+    b_acc, b_l, b_m, b_q, i_page,
+    p_k, p_v, start, hi, b_limit,
     stride_kp, stride_ks, stride_kd,
     stride_vp, stride_vs, stride_vd,
-    stride_btp,
     scale_log2,
-    num_pages,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -55,33 +70,24 @@ def _paged_attention_tile(
     o_d = tl.arange(0, HEAD_DIM)
     m_n = o_n < hi
     if PAGE_SIZE >= BLOCK_N:
-        # Tiles start on multiples of BLOCK_N, so a tile never straddles a page.
-        i_page = tl.load(p_bt + (start // PAGE_SIZE) * stride_btp).to(tl.int64)
-        # Unchecked input must not read outside the cache: clamp page ids into [0, num_pages).
-        i_page = tl.minimum(tl.maximum(i_page, 0), num_pages - 1)
         o_slot = (start % PAGE_SIZE) + tl.arange(0, BLOCK_N)
-        o_k = i_page * stride_kp + o_slot * stride_ks
-        o_v = i_page * stride_vp + o_slot * stride_vs
     else:
-        i_page = tl.load(p_bt + (o_n // PAGE_SIZE) * stride_btp, mask=m_n, other=0).to(tl.int64)
-        i_page = tl.minimum(tl.maximum(i_page, 0), num_pages - 1)
         o_slot = o_n % PAGE_SIZE
-        o_k = i_page * stride_kp + o_slot * stride_ks
-        o_v = i_page * stride_vp + o_slot * stride_vs
-    p_kt = p_k + o_k[None, :] + o_d[:, None] * stride_kd
-    p_vn = p_v + o_v[:, None] + o_d[None, :] * stride_vd
+    # K and V tiles in one layout ([BLOCK_N, D]), so one set of page ids serves both; the dot takes K^T.
+    p_kn = p_k + (i_page * stride_kp + o_slot * stride_ks)[:, None] + o_d[None, :] * stride_kd
+    p_vn = p_v + (i_page * stride_vp + o_slot * stride_vs)[:, None] + o_d[None, :] * stride_vd
     if MASKED:
         # Slots past the end may hold anything (even NaN), so they must load as 0.
-        b_kt = tl.load(p_kt, mask=m_n[None, :], other=0.0)
+        b_k = tl.load(p_kn, mask=m_n[:, None], other=0.0)
         b_v = tl.load(p_vn, mask=m_n[:, None], other=0.0)
     else:
-        b_kt = tl.load(p_kt)
+        b_k = tl.load(p_kn)
         b_v = tl.load(p_vn)
     if INTERP_BF16:
-        b_kt = b_kt.to(tl.float32)
+        b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
 
-    b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * scale_log2
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         b_s = tl.where(o_n[None, :] < tl.minimum(b_limit, hi)[:, None], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -98,7 +104,9 @@ def _paged_attention_tile(
     return b_acc, b_l, b_m_new
 
 
-@triton.jit
+# Sizes that change from step to step are not specialised (on == 1 or % 16), so one compile serves a
+# whole generation instead of one per new value class.
+@triton.jit(do_not_specialize=["HKV", "num_splits", "num_pages", "max_kv", "num_rows"])
 def _paged_attention_fwd_kernel(
     q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, o, lse,
     stride_qt, stride_qh, stride_qd,
@@ -176,18 +184,23 @@ def _paged_attention_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    i_page = _tile_pages(p_bt, lo, hi, stride_btp, num_pages, PAGE_SIZE, BLOCK_N)
     for start in range(lo, mid, BLOCK_N):
+        i_next = _tile_pages(p_bt, start + BLOCK_N, hi, stride_btp, num_pages, PAGE_SIZE, BLOCK_N)
         b_acc, b_l, b_m = _paged_attention_tile(
-            b_acc, b_l, b_m, b_q, p_k, p_v, p_bt, start, hi, b_limit,
-            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_btp, scale_log2, num_pages,
+            b_acc, b_l, b_m, b_q, i_page, p_k, p_v, start, hi, b_limit,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, scale_log2,
             HEAD_DIM, PAGE_SIZE, BLOCK_N, False, INTERP_BF16, DOT_PRECISION,
         )
+        i_page = i_next
     for start in range(mid, hi, BLOCK_N):
+        i_next = _tile_pages(p_bt, start + BLOCK_N, hi, stride_btp, num_pages, PAGE_SIZE, BLOCK_N)
         b_acc, b_l, b_m = _paged_attention_tile(
-            b_acc, b_l, b_m, b_q, p_k, p_v, p_bt, start, hi, b_limit,
-            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, stride_btp, scale_log2, num_pages,
+            b_acc, b_l, b_m, b_q, i_page, p_k, p_v, start, hi, b_limit,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, scale_log2,
             HEAD_DIM, PAGE_SIZE, BLOCK_N, True, INTERP_BF16, DOT_PRECISION,
         )
+        i_page = i_next
 
     # A row that saw no key gets out 0 and lse -inf.
     b_l_safe = tl.where(b_l == 0.0, 1.0, b_l)
@@ -216,10 +229,23 @@ def choose_num_splits(num_programs: int, max_kv_len: int, num_sms: int) -> int:
     return max(1, min(triton.cdiv(num_sms, num_programs), max_kv_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
-def _block_sizes(max_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+def _launch_shape(max_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps), each choice spill-free for sm_90 and sm_80 (scripts/compile_gates.py).
+
+    float32 dots run as FMAs with both operands in registers: small row blocks (16 at head_dim 128, at
+    most 32 below) and 8 warps; the 16-bit tiles spill there. 16-bit: 64 keys a tile, 4 warps, except
+    32 rows at head_dim <= 64 (32 keys: 32x64 spills 8 B on sm_80) and 64 rows at head_dim 128 (8 warps:
+    4 need 255 registers and spill with causal + split)."""
     block_m = min(64, max(16, triton.next_power_of_2(max(max_rows, 1))))
-    block_n = 32 if (head_dim >= 128 and dtype == torch.float32) else 64
-    return block_m, block_n
+    if dtype == torch.float32:
+        if head_dim > 64 or block_m == 16:
+            return 16, 32, 8
+        return 32, 64, 8
+    if block_m == 32 and head_dim <= 64:
+        return 32, 32, 4
+    if block_m == 64 and head_dim > 64:
+        return 64, 64, 8
+    return block_m, 64, 4
 
 
 def paged_attention(
@@ -247,8 +273,8 @@ def paged_attention(
     t, h, d = q.shape
     num_pages, page_size, hkv, _ = k_cache.shape
     b = block_table.shape[0]
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"triton paged_attention: head_dim must be a power of two >= 16, got {d}")
+    if d < 16 or d > MAX_HEAD_DIM or d & (d - 1):
+        raise ValueError(f"triton paged_attention: head_dim must be a power of two in [16, {MAX_HEAD_DIM}], got {d}")
     if page_size & (page_size - 1):
         raise ValueError(f"triton paged_attention: page_size must be a power of two, got {page_size}")
     group = h // hkv
@@ -265,7 +291,7 @@ def paged_attention(
             lse.fill_(float("-inf"))
         return out, lse if return_lse else empty_lse
 
-    block_m, block_n = _block_sizes(max_q_len * group, d, q.dtype)
+    block_m, block_n, num_warps = _launch_shape(max_q_len * group, d, q.dtype)
     num_m = triton.cdiv(max_q_len * group, block_m)
     if num_splits is None:
         num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 1
@@ -304,7 +330,7 @@ def paged_attention(
         STORE_LSE=split or return_lse,
         INTERP_BF16=INTERPRET and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=num_warps,
         num_stages=2,
     )
     if split:

@@ -87,6 +87,9 @@ def test_unsupported_head_dim():
     q, kc, vc, bt, kvl, cu = make_inputs(case)
     with pytest.raises(ValueError, match="head_dim"):
         paged_attention(q[..., :24], kc[..., :24], vc[..., :24], bt, kvl, cu, 1, False, 0.1, False)
+    wide = [torch.cat([x] * 8, dim=-1) for x in (q, kc, vc)]  # 256: past the tiles the kernel is gated for
+    with pytest.raises(ValueError, match=r"head_dim must be a power of two in \[16, 128\], got 256"):
+        paged_attention(*wide, bt, kvl, cu, 1, False, 0.1, False)
 
 
 GPU_CASES = [
@@ -157,3 +160,13 @@ def test_unchecked_bad_indices_stay_inside_the_cache():
     before = kc.clone()
     triton_backend.append_kv(k, k, kc, vc, torch.tensor([5, 32, 10_000]))
     assert torch.equal(kc.view(32, 1, 32)[5], k[0]) and torch.equal(kc.view(32, 1, 32)[6:], before.view(32, 1, 32)[6:])
+
+
+def test_supports_head_dims():
+    """auto falls back to the reference outside the head_dims the Triton tiles are gated for."""
+    from arpg_kernels import triton as triton_backend
+
+    cache = torch.empty(1, 16, 2, 64)
+    for d, ok in ((8, False), (16, True), (64, True), (128, True), (256, False), (96, False)):
+        assert triton_backend.supports("paged_attention", torch.empty(1, 2, d), cache) is ok, d
+        assert triton_backend.supports("attention_forward", torch.empty(1, 1, 2, d)) is ok, d
