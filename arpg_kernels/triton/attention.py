@@ -1,4 +1,7 @@
-"""Triton dense attention, FlashAttention-2 style: forward storing the LSE, backward in three kernels.
+"""Triton dense attention, FlashAttention-2 style: forward storing the LSE; backward in two launches, the
+row sums delta = rowsum(dO * O) - dLSE, then one kernel whose programs each compute either a key block's
+dK and dV or a query block's dQ (the Triton tutorial's single-kernel form: the dQ programs recompute the
+scores and dP, 7 GEMMs per tile pair where FA2 takes 5 by accumulating dQ with atomics; no atomics here).
 
 Causal masking is bottom-right aligned (query i sees keys j <= i + Lk - Lq), which lets Lq differ from
 Lk. Each loop is split into an unmasked stage, over key (or query) tiles that every row of the block
@@ -24,20 +27,49 @@ __all__ = ["attention_forward", "attention_backward"]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(interpret_tiles, gpu_tiles):
-    # Autotuning needs a driver to time configs, so the interpreter gets exactly one.
+MAX_HEAD_DIM = 128  # the largest head_dim the kernels' tiles are chosen (and gated spill-free) for
+
+
+def _configs(names, interpret_tiles, tiles):
+    """Autotune configs over the tile sizes `names` (e.g. BLOCK_M, BLOCK_N). `tiles` maps (float32,
+    head_dim > 64) to lists of (*sizes, warps, stages): float32 ("ieee" dots run as FMAs with both operands
+    in registers) and the larger head_dim need smaller tiles than 16-bit inputs at head_dim <= 64, whose
+    tiles spill there. `_pick_configs` keeps the list of the inputs' class; registers grow with head_dim,
+    so each list is gated (scripts/compile_gates.py: no spills on sm_90 and sm_80) at its class's largest
+    head_dim, 64 or 128. Autotuning needs a driver to time configs, so the interpreter gets exactly one."""
     if INTERPRET:
-        bm, bn = interpret_tiles
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu_tiles]
+        return [triton.Config(dict(zip(names, interpret_tiles)), num_warps=4, num_stages=1)]
+    configs = []
+    for kind, kind_tiles in tiles.items():
+        for *sizes, warps, stages in kind_tiles:
+            config = triton.Config(dict(zip(names, sizes)), num_warps=warps, num_stages=stages)
+            config.arpg_kind = kind
+            configs.append(config)
+    return configs
 
 
-# Tiles (BLOCK_M, BLOCK_N, warps, stages). An independent review (2026-12-02) compiled every config for
-# sm_90 with ptxas -v; these replace the three that spilled there (forward 64x64 / 4 warps / 3 stages: 60 B,
-# dK/dV 64x64 / 4 warps: 632 B, dQ 64x64 / 4 warps: 4 B) with 8-warp versions of the same tiles.
-_FWD_CONFIGS = _configs((32, 16), [(64, 64, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)])
-_DKDV_CONFIGS = _configs((16, 32), [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2)])
-_DQ_CONFIGS = _configs((32, 16), [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 16, 4, 2)])
+def _pick_configs(configs, named_args, **kwargs):
+    kind = (kwargs["DOT_PRECISION"] == "ieee", kwargs["HEAD_DIM"] > 64)
+    return [c for c in configs if getattr(c, "arpg_kind", kind) == kind]
+
+
+_PRUNE = {"early_config_prune": _pick_configs}
+# Tiles keyed (float32, head_dim > 64), each list what scripts/compile_gates.py compiled spill-free for
+# sm_90 and sm_80 (benchmarks/results/compile/kernels.csv). Forward: (BLOCK_M, BLOCK_N, warps, stages).
+# Backward, one launch for both passes: dK/dV take BLOCK_M1 query rows at a time against a BLOCK_N1 key
+# block, dQ BLOCK_N2 keys at a time against a BLOCK_M2 query block: (M1, N1, M2, N2, warps, stages).
+_FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), (32, 16), {
+    (False, False): [(64, 64, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    (False, True): [(64, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    (True, False): [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+    (True, True): [(32, 16, 4, 2), (16, 32, 4, 2), (32, 16, 8, 2)],
+})
+_BWD_CONFIGS = _configs(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), (16, 32, 32, 16), {
+    (False, False): [(32, 64, 64, 32, 4, 2), (32, 128, 128, 32, 8, 2), (16, 64, 64, 16, 4, 2), (16, 128, 128, 16, 8, 2)],
+    (False, True): [(32, 64, 64, 32, 8, 2), (16, 64, 64, 16, 8, 2), (16, 32, 64, 32, 4, 2)],
+    (True, False): [(16, 16, 32, 16, 4, 2), (16, 16, 16, 32, 4, 2)],
+    (True, True): [(16, 32, 16, 32, 4, 2), (16, 16, 16, 16, 4, 2)],
+})
 # Keyed on the lengths rounded up to a power of two (LQ_KEY, LK_KEY), not the exact ones: a new length
 # re-tunes only when it crosses a power of two.
 _AUTOTUNE_KEY = ["LQ_KEY", "LK_KEY", "HEAD_DIM", "GROUP", "IS_CAUSAL"]
@@ -83,7 +115,7 @@ def _attn_fwd_tile(
     return b_acc, b_l, b_m_new
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attn_fwd_kernel(
     q, k, v, o, lse,
@@ -219,9 +251,8 @@ def _attn_bwd_dkdv_tile(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
-def _attn_bwd_dkdv_kernel(
+def _attn_bwd_dkdv_block(
     q, k, v, do, lse, delta, dk, dv,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -230,7 +261,7 @@ def _attn_bwd_dkdv_kernel(
     stride_lb, stride_lm, stride_lh,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    HKV, LQ, LK, LQ_KEY, LK_KEY,
+    i_b, i_hkv, i_n, HKV, LQ, LK,
     scale, scale_log2,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -240,12 +271,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # One program per (key block, batch, KV head); it sums over the GROUP query heads of that KV head.
-    i_bh = tl.program_id(0)
-    i_n = tl.program_id(1)
-    i_b = (i_bh // HKV).to(tl.int64)
-    i_hkv = (i_bh % HKV).to(tl.int64)
-
+    # dK, dV of key block i_n of (batch i_b, KV head i_hkv), summed over the GROUP query heads of that KV
+    # head inside the program (no atomics).
     n_lo = i_n * BLOCK_N
     o_n = n_lo + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
@@ -339,9 +366,8 @@ def _attn_bwd_dq_tile(
     return b_dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
-def _attn_bwd_dq_kernel(
+def _attn_bwd_dq_block(
     q, k, v, do, lse, delta, dq,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -349,7 +375,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_lb, stride_lm, stride_lh,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-    H, LQ, LK, LQ_KEY, LK_KEY,
+    i_b, i_h, i_m, H, LQ, LK,
     scale, scale_log2,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -359,10 +385,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)  # B * H on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
-    i_m = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
+    # dQ of query block i_m of (batch i_b, query head i_h).
     i_hkv = i_h // GROUP
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -377,7 +400,7 @@ def _attn_bwd_dq_kernel(
         b_do = b_do.to(tl.float32)
     b_lse = tl.load(lse + i_b * stride_lb + i_h * stride_lh + o_m * stride_lm, mask=m_m, other=float("inf"))
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-    b_delta = tl.load(delta + i_bh.to(tl.int64) * LQ + o_m, mask=m_m, other=0.0)
+    b_delta = tl.load(delta + (i_b * H + i_h) * LQ + o_m, mask=m_m, other=0.0)
 
     if IS_CAUSAL:
         b_limit = o_m + (LK - LQ + 1)
@@ -414,9 +437,71 @@ def _attn_bwd_dq_kernel(
     tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_m[:, None])
 
 
+@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_kernel(
+    q, k, v, do, lse, delta, dk, dv, dq,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_lb, stride_lm, stride_lh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    HKV, LQ, LK, LQ_KEY, LK_KEY,
+    scale, scale_log2,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M1: tl.constexpr,
+    BLOCK_N1: tl.constexpr,
+    BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+):
+    # dK/dV and dQ in one launch. Axis 0 is (batch, KV head) (up to 2^31 - 1; axis 1 stops at 65,535).
+    # Along axis 1 the first cdiv(LK, BLOCK_N1) programs each own a key block (dK, dV over the group's
+    # query heads, BLOCK_M1 query rows at a time); the rest each own a query block of one of the group's
+    # heads (dQ, BLOCK_N2 keys at a time). Both read delta, which the preprocess launch wrote.
+    i_bh = tl.program_id(0)
+    i_p = tl.program_id(1)
+    i_b = (i_bh // HKV).to(tl.int64)
+    i_hkv = (i_bh % HKV).to(tl.int64)
+    n_kv_blocks = tl.cdiv(LK, BLOCK_N1)
+    if i_p < n_kv_blocks:
+        _attn_bwd_dkdv_block(
+            q, k, v, do, lse, delta, dk, dv,
+            stride_qb, stride_qm, stride_qh, stride_qd,
+            stride_kb, stride_kn, stride_kh, stride_kd,
+            stride_vb, stride_vn, stride_vh, stride_vd,
+            stride_dob, stride_dom, stride_doh, stride_dod,
+            stride_lb, stride_lm, stride_lh,
+            stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+            stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+            i_b, i_hkv, i_p, HKV, LQ, LK, scale, scale_log2,
+            GROUP, HEAD_DIM, IS_CAUSAL, INTERP_BF16, DOT_PRECISION, BLOCK_M1, BLOCK_N1,
+        )
+    else:
+        n_q_blocks = tl.cdiv(LQ, BLOCK_M2)
+        j = i_p - n_kv_blocks
+        _attn_bwd_dq_block(
+            q, k, v, do, lse, delta, dq,
+            stride_qb, stride_qm, stride_qh, stride_qd,
+            stride_kb, stride_kn, stride_kh, stride_kd,
+            stride_vb, stride_vn, stride_vh, stride_vd,
+            stride_dob, stride_dom, stride_doh, stride_dod,
+            stride_lb, stride_lm, stride_lh,
+            stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+            i_b, i_hkv * GROUP + j // n_q_blocks, j % n_q_blocks, HKV * GROUP, LQ, LK, scale, scale_log2,
+            GROUP, HEAD_DIM, IS_CAUSAL, INTERP_BF16, DOT_PRECISION, BLOCK_M2, BLOCK_N2,
+        )
+
+
 def _check_head_dim(d: int) -> None:
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"triton attention: head_dim must be a power of two >= 16, got {d}")
+    if d < 16 or d > MAX_HEAD_DIM or d & (d - 1):
+        raise ValueError(f"triton attention: head_dim must be a power of two in [16, {MAX_HEAD_DIM}], got {d}")
 
 
 def _bucket(n: int) -> int:
@@ -502,27 +587,21 @@ def attention_backward(
             HEAD_DIM=d,
             BLOCK_M=block_m,
         )
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
-    if lk > 0:
-        _attn_bwd_dkdv_kernel[lambda meta: (b * hkv, triton.cdiv(lk, meta["BLOCK_N"]))](
-            q, k, v, dout, lse, delta, dk, dv,
-            *common, *dk.stride(), *dv.stride(),
-            hkv, lq, lk, _bucket(lq), _bucket(lk),
-            scale, scale_log2,
-            GROUP=group,
-            HEAD_DIM=d,
-            IS_CAUSAL=bool(causal),
-            **flags,
-        )
-    if lq > 0:
-        _attn_bwd_dq_kernel[lambda meta: (b * h, triton.cdiv(lq, meta["BLOCK_M"]))](
-            q, k, v, dout, lse, delta, dq,
-            *common, *dq.stride(),
-            h, lq, lk, _bucket(lq), _bucket(lk),
-            scale, scale_log2,
-            GROUP=group,
-            HEAD_DIM=d,
-            IS_CAUSAL=bool(causal),
-            **flags,
-        )
+    if lq == 0 and lk == 0:
+        return dq, dk, dv
+
+    def grid(meta):
+        return (b * hkv, triton.cdiv(lk, meta["BLOCK_N1"]) + group * triton.cdiv(lq, meta["BLOCK_M2"]))
+
+    _attn_bwd_kernel[grid](
+        q, k, v, dout, lse, delta, dk, dv, dq,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
+        *dk.stride(), *dv.stride(), *dq.stride(),
+        hkv, lq, lk, _bucket(lq), _bucket(lk),
+        scale, scale_log2,
+        GROUP=group,
+        HEAD_DIM=d,
+        IS_CAUSAL=bool(causal),
+        **flags,
+    )
     return dq, dk, dv

@@ -136,6 +136,9 @@ def test_unsupported_head_dim():
     q = torch.randn(1, 4, 2, 24, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
         attention_forward(q, q, q, True, 0.2)
+    wide = torch.randn(1, 4, 2, 256, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[16, 128\], got 256"):
+        attention_forward(wide, wide, wide, True, 0.2)
 
 
 GPU_CASES = [
