@@ -98,6 +98,8 @@ __global__ void __launch_bounds__(PagedAttentionTile<HEAD_DIM>::kThreads)
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
+  const T* k_head = p.k_cache + int64_t(kv_head) * p.k_stride_head;
+  const T* v_head = p.v_cache + int64_t(kv_head) * p.v_stride_head;
 
   auto load_q = [&]() {
 #pragma unroll
@@ -116,30 +118,35 @@ __global__ void __launch_bounds__(PagedAttentionTile<HEAD_DIM>::kThreads)
     }
   };
 
-  // Rows past n_end are zero-filled: their scores are masked, and zeros keep 0 * V finite.
-  auto load_kv = [&](int tile, int stage) {
+  // Each thread copies kKvCopies 16-byte chunks of every K and V tile, rows (tid + i * kThreads) / kChunks.
+  // Their page ids are read one tile ahead (fetch_pages for tile t + 1 is issued before tile t computes),
+  // so a tile's copies never wait on a block-table load; keys past n_end read a valid table entry and
+  // are zero-filled by the copy (their scores are masked, and zeros keep 0 * V finite).
+  constexpr int kKvCopies = kBlockN * kChunks / kThreads;
+  const int32_t* table_row = p.block_table + int64_t(seq) * p.block_table_stride;
+  auto fetch_pages = [&](int tile, int (&pages)[kKvCopies]) {
+#pragma unroll
+    for (int i = 0; i < kKvCopies; ++i) {
+      const int key = Min(tile * kBlockN + (tid + i * kThreads) / kChunks, n_end - 1);
+      pages[i] = table_row[key >> page_shift];
+    }
+  };
+  auto load_kv = [&](int tile, int stage, const int (&pages)[kKvCopies]) {
     T* dst_k = s_k + stage * kBlockN * kPitch;
     T* dst_v = s_v + stage * kBlockN * kPitch;
 #pragma unroll
-    for (int i = 0; i < kBlockN * kChunks / kThreads; ++i) {
+    for (int i = 0; i < kKvCopies; ++i) {
       const int c = tid + i * kThreads;
       const int r = c / kChunks;
       const int chunk = c % kChunks;
       const int key = tile * kBlockN + r;
       const bool valid = key < n_end;
-      const T* src_k = p.k_cache;
-      const T* src_v = p.v_cache;
-      if (valid) {
-        int page = p.block_table[int64_t(seq) * p.block_table_stride + (key >> page_shift)];
-        page = Min(Max(page, 0), p.num_pages - 1);
-        const int offset = key & (p.page_size - 1);
-        src_k = p.k_cache + int64_t(page) * p.k_stride_page + int64_t(offset) * p.k_stride_token +
-                int64_t(kv_head) * p.k_stride_head + chunk * 8;
-        src_v = p.v_cache + int64_t(page) * p.v_stride_page + int64_t(offset) * p.v_stride_token +
-                int64_t(kv_head) * p.v_stride_head + chunk * 8;
-      }
-      CpAsync16(dst_k + r * kPitch + chunk * 8, src_k, valid);
-      CpAsync16(dst_v + r * kPitch + chunk * 8, src_v, valid);
+      const int64_t page = Min(Max(pages[i], 0), p.num_pages - 1);
+      const int64_t offset = key & (p.page_size - 1);
+      const int64_t k_off = page * p.k_stride_page + offset * p.k_stride_token + chunk * 8;
+      const int64_t v_off = page * p.v_stride_page + offset * p.v_stride_token + chunk * 8;
+      CpAsync16(dst_k + r * kPitch + chunk * 8, k_head + (valid ? k_off : 0), valid);
+      CpAsync16(dst_v + r * kPitch + chunk * 8, v_head + (valid ? v_off : 0), valid);
     }
   };
 
@@ -169,12 +176,18 @@ __global__ void __launch_bounds__(PagedAttentionTile<HEAD_DIM>::kThreads)
   float row_sum[2] = {0.f, 0.f};              // this thread's part of the running denominator
 
   if (tile_begin < tile_end) {
+    int pages[kKvCopies];
+    fetch_pages(tile_begin, pages);
     load_q();
-    load_kv(tile_begin, 0);
+    load_kv(tile_begin, 0, pages);
     CpAsyncCommit();
+    if (tile_begin + 1 < tile_end) fetch_pages(tile_begin + 1, pages);
     for (int tile = tile_begin; tile < tile_end; ++tile) {
       const int stage = (tile - tile_begin) & 1;
-      if (tile + 1 < tile_end) load_kv(tile + 1, stage ^ 1);
+      if (tile + 1 < tile_end) {
+        load_kv(tile + 1, stage ^ 1, pages);
+        if (tile + 2 < tile_end) fetch_pages(tile + 2, pages);  // in flight while this tile computes
+      }
       // Commit even an empty group so that "all but the newest group" is always this tile.
       CpAsyncCommit();
       CpAsyncWait<1>();
