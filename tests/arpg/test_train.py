@@ -105,8 +105,11 @@ DIGITS_KW = dict(steps=12, batch_size=16, warmup=3, dim=32, n_layer=2, n_head=1,
 def test_digits_training_is_unchanged_by_the_move():
     model, _ = D.train(out=None, procs=1, threads=None, log=None, **DIGITS_KW)
     sd = model.state_dict()
-    assert sum(float(v.double().abs().sum()) for v in sd.values()) == pytest.approx(OLD_DIGITS_ABS_SUM, rel=1e-12)
-    assert float(sd["head.weight"].double().sum()) == pytest.approx(OLD_DIGITS_HEAD_SUM, rel=1e-9)
+    # The constants were taken on an Intel Xeon (AVX-512); another CPU's BLAS rounds differently (an AMD
+    # EPYC with AVX2: 5.8e-9 and 1.0e-7 relative, losses within 2.4e-7), far inside these tolerances,
+    # while a change to the training itself moves them by orders of magnitude more.
+    assert sum(float(v.double().abs().sum()) for v in sd.values()) == pytest.approx(OLD_DIGITS_ABS_SUM, rel=1e-6)
+    assert float(sd["head.weight"].double().sum()) == pytest.approx(OLD_DIGITS_HEAD_SUM, rel=1e-5)
     split = D.load_split()
     seen = []
     T.train(D.digits_recipe(**DIGITS_KW), TensorCodes(split.x_train, split.y_train), log=None,
