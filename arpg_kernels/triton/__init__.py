@@ -5,7 +5,7 @@ TRITON_INTERPRET=1, which must be set before triton is first imported.
 """
 
 from .append_kv import append_kv, append_kv_rope
-from .attention import attention_backward, attention_forward
+from .attention import MAX_HEAD_DIM, attention_backward, attention_forward
 from .merge import merge_attention_states
 from .paged_attention import paged_attention
 from .sample import sample_tokens
@@ -24,7 +24,7 @@ def supports(op: str, *tensors) -> bool:
     """
     if op in ("paged_attention", "attention_forward", "attention_backward"):
         d = tensors[0].shape[-1]
-        if not (_pow2(d) and 16 <= d <= 128):
+        if not (_pow2(d) and 16 <= d <= MAX_HEAD_DIM):
             return False
     if op == "paged_attention":
         return _pow2(tensors[1].shape[1])

@@ -27,7 +27,8 @@ __all__ = ["attention_forward", "attention_backward"]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-MAX_HEAD_DIM = 128  # the largest head_dim the kernels' tiles are chosen (and gated spill-free) for
+# The largest head_dim the dense and paged kernels' tiles are chosen (and gated spill-free) for.
+MAX_HEAD_DIM = 128
 
 
 def _configs(names, interpret_tiles, tiles):

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import MAX_HEAD_DIM
 from .merge import _round_bf16, combine_splits
 
 __all__ = ["paged_attention", "choose_num_splits"]
@@ -33,8 +34,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Split the KV loop only when each split still gets at least this many keys.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 16
-# The largest head_dim the launch shapes are chosen (and gated spill-free, scripts/compile_gates.py) for.
-MAX_HEAD_DIM = 128
 
 
 @triton.jit
