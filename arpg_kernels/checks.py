@@ -112,7 +112,52 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError("k_cache must have page_size >= 1 (dimension 1)")
 
 
+def _paged_attention_metadata_ok(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale,
+                                 return_lse) -> bool:
+    """True only if every check of `_check_paged_attention_metadata` passes, tested in one expression: a
+    decoding step calls the op a few times a layer, and the named checks cost several microseconds a call.
+    False decides nothing: the named checks then run and name the problem."""
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(k_cache, T) and isinstance(v_cache, T) and isinstance(block_table, T)
+            and isinstance(kv_lens, T) and isinstance(cu_q_lens, T)):
+        return False
+    dev, dt, ks = q.device, q.dtype, k_cache.shape
+    return (q.dim() == 3 and len(ks) == 4 and v_cache.shape == ks and block_table.dim() == 2 and kv_lens.dim() == 1
+            and cu_q_lens.dim() == 1 and dt in SUPPORTED_DTYPES and k_cache.dtype is dt and v_cache.dtype is dt
+            and k_cache.device == dev and v_cache.device == dev and block_table.device == dev
+            and kv_lens.device == dev and cu_q_lens.device == dev
+            and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and ks[1] != 0 and ks[3] == q.shape[2] and ks[2] != 0 and q.shape[1] % ks[2] == 0
+            and block_table.dtype is torch.int32 and kv_lens.dtype is torch.int32 and cu_q_lens.dtype is torch.int32
+            and kv_lens.shape[0] == block_table.shape[0] and cu_q_lens.shape[0] == block_table.shape[0] + 1
+            and type(max_q_len) is int and max_q_len >= 0 and type(causal) is bool and type(return_lse) is bool
+            and (scale is None or type(scale) is float))
+
+
 def check_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale, return_lse):
+    if not _paged_attention_metadata_ok(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal,
+                                        scale, return_lse):
+        _check_paged_attention_metadata(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal,
+                                        scale, return_lse)
+    if not _values_checkable(cu_q_lens):
+        return
+    b = block_table.shape[0]
+    cu = cu_q_lens.cpu().long()
+    if cu[0].item() != 0:
+        raise ValueError(f"cu_q_lens must start at 0, got {cu[0].item()}")
+    q_lens = cu[1:] - cu[:-1]
+    if (q_lens < 0).any():
+        bad = int(torch.nonzero(q_lens < 0)[0])
+        raise ValueError(f"cu_q_lens must be non-decreasing (cu_q_lens[{bad + 1}] < cu_q_lens[{bad}])")
+    if cu[-1].item() != q.shape[0]:
+        raise ValueError(f"cu_q_lens[-1] = {cu[-1].item()} must equal the number of query rows {q.shape[0]}")
+    if b and q_lens.max().item() > max_q_len:
+        raise ValueError(f"max_q_len = {max_q_len} is smaller than the longest query span {q_lens.max().item()}")
+    _check_pages(block_table, kv_lens, k_cache.shape[0], k_cache.shape[1])
+
+
+def _check_paged_attention_metadata(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, max_q_len, causal, scale,
+                                    return_lse):
     _tensor("q", q, 3)
     check_cache(k_cache, v_cache)
     _tensor("block_table", block_table, 2)
@@ -141,20 +186,6 @@ def check_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, 
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     _scale(scale)
-    if not _values_checkable(cu_q_lens):
-        return
-    cu = cu_q_lens.cpu().long()
-    if cu[0].item() != 0:
-        raise ValueError(f"cu_q_lens must start at 0, got {cu[0].item()}")
-    q_lens = cu[1:] - cu[:-1]
-    if (q_lens < 0).any():
-        bad = int(torch.nonzero(q_lens < 0)[0])
-        raise ValueError(f"cu_q_lens must be non-decreasing (cu_q_lens[{bad + 1}] < cu_q_lens[{bad}])")
-    if cu[-1].item() != q.shape[0]:
-        raise ValueError(f"cu_q_lens[-1] = {cu[-1].item()} must equal the number of query rows {q.shape[0]}")
-    if b and q_lens.max().item() > max_q_len:
-        raise ValueError(f"max_q_len = {max_q_len} is smaller than the longest query span {q_lens.max().item()}")
-    _check_pages(block_table, kv_lens, k_cache.shape[0], k_cache.shape[1])
 
 
 def _check_pages(block_table: torch.Tensor, kv_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
@@ -179,7 +210,35 @@ def _check_pages(block_table: torch.Tensor, kv_lens: torch.Tensor, num_pages: in
         )
 
 
+def _append_kv_metadata_ok(k, v, k_cache, v_cache, slot_mapping) -> bool:
+    """True only if every check of `_check_append_kv_metadata` passes (see `_paged_attention_metadata_ok`)."""
+    T = torch.Tensor
+    if not (isinstance(k, T) and isinstance(v, T) and isinstance(k_cache, T) and isinstance(v_cache, T)
+            and isinstance(slot_mapping, T)):
+        return False
+    dev, dt, ks, shape = k.device, k.dtype, k_cache.shape, k.shape
+    return (len(shape) == 3 and len(ks) == 4 and v.shape == shape and v_cache.shape == ks and slot_mapping.dim() == 1
+            and dt in SUPPORTED_DTYPES and v.dtype is dt and k_cache.dtype is dt and v_cache.dtype is dt
+            and v.device == dev and k_cache.device == dev and v_cache.device == dev and slot_mapping.device == dev
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and ks[1] != 0 and shape[1] == ks[2] and shape[2] == ks[3]
+            and slot_mapping.dtype is torch.int64 and slot_mapping.shape[0] == shape[0])
+
+
 def check_append_kv(k, v, k_cache, v_cache, slot_mapping):
+    if not _append_kv_metadata_ok(k, v, k_cache, v_cache, slot_mapping):
+        _check_append_kv_metadata(k, v, k_cache, v_cache, slot_mapping)
+    if not _values_checkable(slot_mapping) or slot_mapping.numel() == 0:
+        return
+    slots = slot_mapping.cpu()
+    n_slots = k_cache.shape[0] * k_cache.shape[1]
+    bad = (slots < -1) | (slots >= n_slots)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"slot_mapping[{i}] = {slots[i].item()} is out of range [-1, {n_slots}) (num_pages * page_size)")
+
+
+def _check_append_kv_metadata(k, v, k_cache, v_cache, slot_mapping):
     _tensor("k", k, 3)
     _tensor("v", v, 3)
     check_cache(k_cache, v_cache)
@@ -198,14 +257,6 @@ def check_append_kv(k, v, k_cache, v_cache, slot_mapping):
     _index("slot_mapping", slot_mapping, torch.int64)
     if slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but k has {k.shape[0]} rows")
-    if not _values_checkable(slot_mapping) or slot_mapping.numel() == 0:
-        return
-    slots = slot_mapping.cpu()
-    n_slots = k_cache.shape[0] * k_cache.shape[1]
-    bad = (slots < -1) | (slots >= n_slots)
-    if bad.any():
-        i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"slot_mapping[{i}] = {slots[i].item()} is out of range [-1, {n_slots}) (num_pages * page_size)")
 
 
 def check_attention(q, k, v, causal, scale):
@@ -280,6 +331,11 @@ def check_sample_tokens(logits, uncond, cfg_scale, uniforms, temperature, top_k,
 
 
 def check_rope_table(k: torch.Tensor, table) -> None:
+    """k: [T, Hkv, D] (checked before); table: float32 [T, D // 2, 2] on k's device."""
+    if (isinstance(table, torch.Tensor) and table.dtype is torch.float32 and table.dim() == 3 and k.shape[-1] % 2 == 0
+            and table.shape[0] == k.shape[0] and 2 * table.shape[1] == k.shape[-1] and table.shape[2] == 2
+            and table.device == k.device):
+        return
     _tensor("rope", table, 3)
     if table.dtype != torch.float32:
         raise ValueError(f"rope must be float32 (cos, sin pairs), got {table.dtype}")

@@ -347,6 +347,47 @@ def test_append_kv_rejects_bad_input_and_leaves_cache_alone(name, override, exc,
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 
+def _append_good():
+    return dict(k=torch.randn(3, 2, 16), v=torch.randn(3, 2, 16), k_cache=torch.randn(4, 8, 2, 16),
+                v_cache=torch.randn(4, 8, 2, 16), slot_mapping=torch.tensor([0, 5, 9]))
+
+
+@pytest.mark.parametrize("kind", ["paged", "append"])
+def test_metadata_fast_paths_accept_only_what_the_named_checks_accept(kind):
+    """The one-expression metadata tests that spare a decoding step the named checks: true for good
+    inputs (so the fast path runs), false for every bad one the named checks reject."""
+    from arpg_kernels import checks
+
+    if kind == "paged":
+        good, errors = _good(), PAGED_ERRORS
+        fast = lambda kw: checks._paged_attention_metadata_ok(**kw, causal=False, scale=None, return_lse=False)
+        named = lambda kw: checks._check_paged_attention_metadata(**kw, causal=False, scale=None, return_lse=False)
+        extra = [dict(causal=1), dict(scale="0.5"), dict(return_lse=None), dict(max_q_len=True),
+                 dict(kv_lens=torch.tensor([10, 3], dtype=torch.int32, device="meta")),
+                 dict(k_cache=torch.randn(4, 0, 2, 16), v_cache=torch.randn(4, 0, 2, 16))]
+        for override in extra:  # arguments beyond the op's tensors go through both tests too
+            kw = {**good, **override}
+            args = {k: kw.pop(k) for k in ("causal", "scale", "return_lse") if k in kw}
+            call = {**dict(causal=False, scale=None, return_lse=False), **args}
+            assert not checks._paged_attention_metadata_ok(**kw, **call)
+            with pytest.raises((ValueError, TypeError)):
+                checks._check_paged_attention_metadata(**kw, **call)
+    else:
+        good, errors = _append_good(), APPEND_ERRORS
+        fast = lambda kw: checks._append_kv_metadata_ok(**kw)
+        named = lambda kw: checks._check_append_kv_metadata(**kw)
+    assert fast(good)
+    named(good)
+    for name, override, _, _ in errors:
+        kw = {**good, **override}
+        try:
+            named(kw)
+        except (ValueError, TypeError):
+            assert not fast(kw), name
+        else:  # a value check (the index contents): metadata passes both ways
+            assert fast(kw) or "not a tensor" in name, name
+
+
 ATTN_ERRORS = [
     ("rank", dict(q=torch.randn(2, 5, 16)), ValueError, "q must have rank 4"),
     ("dtype mix", dict(k=torch.randn(2, 6, 2, 16).half(), v=torch.randn(2, 6, 2, 16).half()), ValueError, "share a dtype"),
