@@ -166,7 +166,7 @@ def train(
     input_noise: float = 0.25,
     seed: int = 0,
     procs: int = 1,
-    threads: Optional[int] = 1,
+    threads: Optional[int] = 0,
     log_every: int = 250,
     storage_dtype: torch.dtype = torch.float16,
     log=print,
@@ -174,10 +174,11 @@ def train(
     """Train an ARPG on the digits' training split with `arpg.train` (`digits_recipe`); returns (model
     in eval mode, info).
 
-    The defaults are the recipe of the shipped checkpoint. `procs` > 1 runs that many single-threaded
-    processes under torchrun (data parallel over gloo; on a small CPU this beats intra-op threads, whose
-    spinning on tiny ops costs more than it gives); the result is the same as one process's up to the
-    order of float reductions. The weights are written to `out` (if given) with their config, stored in
+    The defaults are the recipe of the shipped checkpoint. One process uses `threads` torch threads (0 or
+    None: torch's default, every core; on the project's 2-core AMD EPYC two threads train 1.56x faster
+    than one, 125 vs 195 ms a step). `procs` > 1 runs that many single-threaded processes under torchrun
+    (data parallel over gloo); the result is the same as one process's up to the order of float
+    reductions. The weights are written to `out` (if given) with their config, stored in
     `storage_dtype`, and the training facts next to them (`.json`). Inside a torchrun world (WORLD_SIZE
     set) this process is one rank of it, and rank 0 writes.
     """
@@ -779,7 +780,7 @@ def _train_parser(prog: str = "arpg train-digits") -> argparse.ArgumentParser:
                    help="fraction of context tokens replaced by random values while training")
     p.add_argument("--procs", type=int, default=d["procs"],
                    help="data-parallel processes, one thread each, launched under torchrun")
-    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads when --procs 1 (0: leave as is)")
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads when --procs 1 (0: torch's default, every core)")
     p.add_argument("--log-every", type=int, default=d["log_every"])
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     return p
