@@ -61,7 +61,7 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """
     if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return ak.reference.rope(x, rope)  # the original's real ops (also what append_kv_rope computes)
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    xs = x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2)  # not -1: x may have no rows
     r = rope.unsqueeze(-3).float()
     # Decoding on the CPU: one complex multiply, (x0 + i x1)(cos + i sin), is the same four products and two
     # sums (torch's CPU complex multiply does not fuse them) in three ops instead of ten: a CPU step's host
@@ -97,6 +97,31 @@ def step_fusions(enabled: bool):
 
 def fusions_enabled() -> bool:
     return getattr(_fusions, "enabled", True)
+
+
+_cpu_step_ops = None  # arpg_kernels.cpu once its library is known to have the step ops, else False
+_STEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def step_ops(x: torch.Tensor, weight: torch.Tensor):
+    """The CPU's one-op elementwise chains for a decoding step (`arpg_kernels.cpu`: rms_norm, add_rms_norm,
+    silu_mul, rope), or None where they do not apply: they serve CPU tensors in the weights' dtype, with the
+    step fusions on (`step_fusions`), under the auto or cpu backend, outside autograd and compilation
+    (inductor fuses on its own). A CPU step's host time is mostly its number of ops: RMSNorm alone is eight."""
+    global _cpu_step_ops
+    if (x.device.type != "cpu" or x.dtype not in _STEP_DTYPES or x.dtype is not weight.dtype or not fusions_enabled()
+            or ak.get_backend() not in ("auto", "cpu") or (torch.is_grad_enabled() and weight.requires_grad)
+            or torch.compiler.is_compiling()):
+        return None
+    if _cpu_step_ops is None:
+        from arpg_kernels import cpu
+
+        _cpu_step_ops = cpu if cpu.step_ops_available() else False
+    return _cpu_step_ops or None
+
+
+def _norm(norm: "RMSNorm", x: torch.Tensor, ops) -> torch.Tensor:
+    return norm(x) if ops is None else ops.rms_norm(x, norm.weight, norm.eps)
 
 
 def append_rotated(k, v, k_cache, v_cache, slot_mapping, rope) -> None:
@@ -147,6 +172,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def forward_step(self, x: torch.Tensor, ops) -> torch.Tensor:
+        """`forward` for decoding, with silu * w3 as one op where `step_ops` gives them."""
+        return self.forward(x) if ops is None else self.w2(ops.silu_mul(self.w1(x), self.w3(x)))
+
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero a residual branch for a random fraction p of the samples (dim 0), scale the
@@ -181,11 +210,13 @@ class SelfAttention(nn.Module):
         return F.dropout(self.proj(o.flatten(-2)), self.resid_dropout, self.training)
 
     def forward_paged(
-        self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, causal: bool = False
+        self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, causal: bool = False, ops=None
     ) -> torch.Tensor:
-        """Append the rows' K/V, then attend the whole cache. x: [T_in, dim]; rope: [T_in, head_dim // 2, 2]."""
+        """Append the rows' K/V, then attend the whole cache. x: [T_in, dim]; rope: [T_in, head_dim // 2, 2];
+        ops: `step_ops` (RoPE on q as one op)."""
         shape = (*x.shape[:-1], self.n_head, self.head_dim)
-        q = apply_rope(self.to_q(x).view(shape), rope)
+        q = self.to_q(x).view(shape)
+        q = apply_rope(q, rope) if ops is None else ops.rope(q, rope)
         append_rotated(self.to_k(x).view(shape), self.to_v(x).view(shape), k_cache, v_cache, batch.slot_mapping, rope)
         o, _ = ak.paged_attention(
             q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_in, batch.max_in, causal=causal
@@ -210,11 +241,11 @@ class CrossAttention(nn.Module):
         o = ak.attention(self._q(x, rope), k, v, causal=True)
         return F.dropout(self.proj(o.flatten(-2)), self.resid_dropout, self.training)
 
-    def forward_paged(self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch):
-        """Every query sees the whole shared cache. x: [T_q, dim]; rope: [T_q, head_dim // 2, 2]."""
-        o, _ = ak.paged_attention(
-            self._q(x, rope), k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q
-        )
+    def forward_paged(self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, ops=None):
+        """Every query sees the whole shared cache. x: [T_q, dim]; rope: [T_q, head_dim // 2, 2]; ops:
+        `step_ops` (RoPE on q as one op)."""
+        q = self._q(x, rope) if ops is None else ops.rope(self.to_q(x).view(*x.shape[:-1], self.n_head, self.head_dim), rope)
+        o, _ = ak.paged_attention(q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q)
         return self.proj(o.flatten(-2))
 
 
@@ -246,8 +277,14 @@ class SelfDecoder(_Regularised):
         return h + self._ffn_branch(h)
 
     def forward_paged(self, x, rope, k_cache, v_cache, batch: PagedBatch, causal: bool = False):
-        h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch, causal)
-        return h + self.ffn(self.ffn_norm(h))
+        ops = step_ops(x, self.attn_norm.weight)
+        if ops is None:
+            h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch, causal)
+            return h + self.ffn(self.ffn_norm(h))
+        a = self.attn.forward_paged(ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps), rope, k_cache,
+                                    v_cache, batch, causal, ops)
+        h, hn = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
+        return h + self.ffn.forward_step(hn, ops)
 
 
 class CrossDecoder(_Regularised):
@@ -264,8 +301,14 @@ class CrossDecoder(_Regularised):
         return h + self._ffn_branch(h)
 
     def forward_paged(self, x, rope, k_cache, v_cache, batch: PagedBatch):
-        h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch)
-        return h + self.ffn(self.ffn_norm(h))
+        ops = step_ops(x, self.attn_norm.weight)
+        if ops is None:
+            h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch)
+            return h + self.ffn(self.ffn_norm(h))
+        a = self.attn.forward_paged(ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps), rope, k_cache,
+                                    v_cache, batch, ops)
+        h, hn = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
+        return h + self.ffn.forward_step(hn, ops)
 
 
 class TwoPassDecoder(nn.Module):
@@ -288,9 +331,10 @@ class TwoPassDecoder(nn.Module):
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
 
-    def shared_kv(self, x: torch.Tensor, rope: torch.Tensor, rotate: bool = True):
-        """The K/V every cross layer attends: x [..., T, dim] -> k (RoPE'd unless not rotate), v [..., T, H, D]."""
-        xn = self.norm(x)
+    def shared_kv(self, x: torch.Tensor, rope: torch.Tensor, rotate: bool = True, ops=None):
+        """The K/V every cross layer attends: x [..., T, dim] -> k (RoPE'd unless not rotate), v [..., T, H, D].
+        ops: `step_ops` (the norm as one op)."""
+        xn = _norm(self.norm, x, ops)
         shape = (*x.shape[:-1], self.n_head, self.head_dim)
         k = self.to_k(xn).view(shape)
         return apply_rope(k, rope) if rotate else k, self.to_v(xn).view(shape)
@@ -437,10 +481,11 @@ class ARPG(nn.Module):
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers.self_dec):
             x = layer.forward_paged(x, rope_in, *cache.layer(i), batch, causal)
-        k, v = self.layers.shared_kv(x, rope_in, rotate=False)
+        ops = step_ops(x, self.norm.weight)
+        k, v = self.layers.shared_kv(x, rope_in, rotate=False, ops=ops)
         k_cache, v_cache = cache.layer(len(self.layers.self_dec))
         append_rotated(k, v, k_cache, v_cache, batch.slot_mapping, rope_in)
         q = self.mask_queries(pos_q.shape[0])
         for layer in self.layers.cross_dec:
             q = layer.forward_paged(q, rope_q, k_cache, v_cache, batch)
-        return self.head(self.norm(q)).float()
+        return self.head(_norm(self.norm, q, ops)).float()

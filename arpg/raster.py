@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RASTER_CONFIGS, ARPGConfig, get_config
-from .model import PagedBatch, RMSNorm, SelfDecoder, precompute_rope_2d
+from .model import PagedBatch, RMSNorm, SelfDecoder, _norm, precompute_rope_2d, step_ops
 
 __all__ = ["RasterLM", "RASTER_CONFIGS"]
 
@@ -91,4 +91,4 @@ class RasterLM(nn.Module):
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer.forward_paged(x, rope, *cache.layer(i), batch, causal=True)
-        return self.head(self.norm(x)).float()
+        return self.head(_norm(self.norm, x, step_ops(x, self.norm.weight))).float()

@@ -23,8 +23,9 @@ from torch import Tensor
 from . import _build
 
 __all__ = [
-    "PAGED_ATTENTION_DTYPES", "append_kv", "append_kv_rope", "attention_backward", "attention_forward", "is_available", "load_error",
-    "merge_attention_states", "paged_attention", "sample_tokens", "supports",
+    "PAGED_ATTENTION_DTYPES", "add_rms_norm", "append_kv", "append_kv_rope", "attention_backward", "attention_forward",
+    "is_available", "load_error", "merge_attention_states", "paged_attention", "rms_norm", "rope", "sample_tokens",
+    "silu_mul", "step_ops_available", "supports",
 ]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,6 +33,9 @@ PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _OPS = ("paged_attention", "append_kv", "append_kv_rope", "merge_attention_states", "sample_tokens")  # the C++ ops of arpg_cpu
 _DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attention CPU kernels
+# A decoding step's elementwise chains in one op each (csrc/cpu/step_ops.cpp): not backend ops of
+# torch.ops.arpg, helpers that arpg.model's decoding path calls on CPU tensors (`step_ops_available`).
+_STEP_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rope")
 
 
 def _registered() -> bool:
@@ -68,6 +72,10 @@ if _load_error is None:
         ("merge_attention_states", lambda out_a, lse_a, out_b, lse_b: (out_a.new_empty(out_a.shape),
                                                                        lse_a.new_empty(lse_a.shape))),
         ("sample_tokens", lambda logits, *args: logits.new_empty(logits.shape[:1], dtype=torch.int64)),
+        ("rms_norm", lambda x, weight, eps: x.new_empty(x.shape)),
+        ("add_rms_norm", lambda x, y, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape))),
+        ("silu_mul", lambda a, b: a.new_empty(a.shape)),
+        ("rope", lambda x, rope: x.new_empty(x.shape)),
     ):
         try:
             torch.library.register_fake(f"arpg_cpu::{_name}", _fake)
@@ -79,6 +87,22 @@ if _load_error is None:
 def is_available() -> bool:
     """Whether the compiled library is loaded and registers the arpg_cpu ops."""
     return _load_error is None
+
+
+def _step_ops_registered() -> bool:
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"arpg_cpu::{op}", "CPU") for op in _STEP_OPS)
+    except RuntimeError:
+        return False
+
+
+_step_ops = _load_error is None and _step_ops_registered()
+
+
+def step_ops_available() -> bool:
+    """Whether the library has the decoding step's fused elementwise ops (rms_norm, add_rms_norm, silu_mul,
+    rope)."""
+    return _step_ops
 
 
 def load_error() -> Optional[str]:
@@ -219,3 +243,28 @@ def sample_tokens(logits: Tensor, uncond: Optional[Tensor], cfg_scale: Optional[
         logits, uncond, None if cfg_scale is None else cfg_scale.contiguous(), uniforms.contiguous(),
         float(temperature), int(top_k), float(top_p),
     )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of the rows of x [R, dim] (rows of any stride, last dim contiguous) with weight [dim] in x's
+    dtype: `(x * rsqrt(mean(x^2) + eps)).type_as(x) * weight` in one op (arpg.model.RMSNorm's roundings).
+    Returns [R, dim] contiguous."""
+    return torch.ops.arpg_cpu.rms_norm(x, weight, float(eps))
+
+
+def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """h = x + y and RMSNorm(h) in one op (a residual add and the norm after it); x, y [R, dim]. Returns
+    (h, norm) [R, dim] contiguous, in x's dtype."""
+    return torch.ops.arpg_cpu.add_rms_norm(x, y, weight, float(eps))
+
+
+def silu_mul(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) * b (SwiGLU's activation, silu rounded to the dtype first as torch does); a, b [R, hidden]."""
+    return torch.ops.arpg_cpu.silu_mul(a, b)
+
+
+def rope(x: Tensor, table: Tensor) -> Tensor:
+    """x [T, H, D] rotated pairwise by table float32 [T, D / 2, 2] (cos, sin), `arpg.model.apply_rope`'s
+    float32 products and sums in one op. Rows and heads of x may have any stride. Returns [T, H, D]
+    contiguous in x's dtype."""
+    return torch.ops.arpg_cpu.rope(x, table.contiguous())

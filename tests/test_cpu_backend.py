@@ -227,3 +227,123 @@ def test_unchecked_bad_indices_stay_inside_the_tensors():
         assert torch.equal(torch.nan_to_num(kc, 7.0), torch.nan_to_num(before, 7.0))
     with pytest.raises(ValueError, match="cu_q_lens"):  # checks on again
         ak.paged_attention(q, kc, vc, bt, kvl, torch.tensor([0, 2, 9], dtype=torch.int32), 3)
+
+
+# the decoding step's one-op elementwise chains (csrc/cpu/step_ops.cpp) ------------------------------------------
+
+
+def _step_inputs(dtype, rows, dim, layout, g):
+    """x, y [rows, dim] in `layout`: contiguous, strided (every other row of a wider tensor, last dim
+    sliced) or broadcast (one row, stride 0: the [MASK] query stream)."""
+    def make():
+        if layout == "broadcast":
+            return torch.randn(1, dim, generator=g).to(dtype).expand(rows, dim)
+        if layout == "strided":
+            return torch.randn(2 * rows, dim + 5, generator=g).to(dtype)[::2, 3 : 3 + dim]
+        return torch.randn(rows, dim, generator=g).to(dtype)
+    return make(), make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "broadcast"])
+@pytest.mark.parametrize("rows,dim", [(0, 16), (1, 8), (37, 96), (300, 130)])
+def test_step_ops_match_the_torch_ops_they_replace(dtype, layout, rows, dim):
+    from arpg.model import FeedForward, RMSNorm  # noqa: F401  (the modules whose math these are)
+
+    g = torch.Generator().manual_seed(rows * dim)
+    x, y = _step_inputs(dtype, rows, dim, layout, g)
+    norm = RMSNorm(dim, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2, generator=g)
+    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=0, rtol=0)  # float: sum order only
+    with torch.inference_mode():
+        if dtype == torch.float16:
+            tol = dict(atol=1e-3, rtol=1e-3)  # a half ulp where the sum of squares rounds across a boundary
+        torch.testing.assert_close(cpu.rms_norm(x, norm.weight, norm.eps), norm(x), **tol)
+        h, n = cpu.add_rms_norm(x, y, norm.weight, norm.eps)
+        assert torch.equal(h, x + y) and h.is_contiguous() and n.is_contiguous()
+        torch.testing.assert_close(n, norm(x + y), **tol)
+        a = x * 6
+        want = torch.nn.functional.silu(a) * y
+        ulp = dict(atol=4e-6, rtol=4e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(cpu.silu_mul(a, y), want, **ulp)  # exp to about an ulp: one 16-bit rounding
+        if dim % 2 == 0:
+            q = torch.randn(rows, 6, dim, generator=g).to(dtype)
+            q = q[:, ::2] if layout == "strided" else q[:, :3]  # heads 2 * dim apart, or rows 6 * dim apart
+            table = torch.randn(rows, dim // 2, 2, generator=g)
+            from arpg_kernels import reference
+
+            # The original's products and sums, unfused: equal to the real-op oracle.
+            assert torch.equal(cpu.rope(q, table), reference.rope(q, table))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_step_ops_threads_give_the_same_result(threads):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(700, 128, generator=g), torch.randn(700, 128, generator=g)
+    w = torch.randn(128, generator=g)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = cpu.add_rms_norm(x, y, w, 1e-5), cpu.silu_mul(x, y)
+        torch.set_num_threads(threads)
+        got = cpu.add_rms_norm(x, y, w, 1e-5), cpu.silu_mul(x, y)
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(a, b) for a, b in zip([*want[0], want[1]], [*got[0], got[1]]))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: cpu.rms_norm(torch.randn(4, 8), torch.randn(7), 1e-5), "weight must be contiguous \\[dim\\]"),
+    (lambda: cpu.rms_norm(torch.randn(4, 8), torch.randn(8).double(), 1e-5), "in x's dtype"),
+    (lambda: cpu.rms_norm(torch.randn(2, 4, 8), torch.randn(8), 1e-5), "x must be \\[rows, dim\\]"),
+    (lambda: cpu.rms_norm(torch.randn(8, 4).t(), torch.randn(8), 1e-5), "contiguous last dim"),
+    (lambda: cpu.rms_norm(torch.randn(4, 8).double(), torch.randn(8).double(), 1e-5), "dtype must be float32"),
+    (lambda: cpu.add_rms_norm(torch.randn(4, 8), torch.randn(3, 8), torch.randn(8), 1e-5), "y must match x"),
+    (lambda: cpu.silu_mul(torch.randn(4, 8), torch.randn(4, 8).half()), "a and b must match"),
+    (lambda: cpu.rope(torch.randn(4, 2, 7), torch.randn(4, 3, 2)), "D even"),
+    (lambda: cpu.rope(torch.randn(4, 2, 8), torch.randn(3, 4, 2)), "rope must be contiguous float32"),
+    (lambda: cpu.rope(torch.randn(4, 2, 8), torch.randn(4, 4, 2).double()), "rope must be contiguous float32"),
+])
+def test_step_ops_refuse_bad_input(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_step_ops_opcheck():
+    x, y, w = torch.randn(5, 16), torch.randn(5, 16), torch.randn(16)
+    torch.library.opcheck(torch.ops.arpg_cpu.rms_norm.default, (x, w, 1e-5))
+    torch.library.opcheck(torch.ops.arpg_cpu.add_rms_norm.default, (x, y, w, 1e-5))
+    torch.library.opcheck(torch.ops.arpg_cpu.silu_mul.default, (x, y))
+    torch.library.opcheck(torch.ops.arpg_cpu.rope.default, (torch.randn(5, 2, 16), torch.randn(5, 8, 2)))
+
+
+def test_decoding_takes_the_step_ops_only_where_they_apply(monkeypatch):
+    from arpg import ARPG, RasterLM, generate
+    from arpg.config import ARPGConfig
+    from arpg.model import step_fusions, step_ops
+
+    assert cpu.step_ops_available()
+    calls = []
+    for name in ("rms_norm", "add_rms_norm", "silu_mul", "rope"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    cfg = ARPGConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=4, grid_size=4)
+    torch.manual_seed(0)
+    model, raster = ARPG(cfg).eval(), RasterLM(cfg).eval()
+    labels = torch.tensor([0, 3])
+    tokens = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    assert {"rms_norm", "add_rms_norm", "silu_mul", "rope"} <= set(calls)
+    generate(raster, labels, cfg_scale=2.0, seed=1)
+    calls.clear()
+    with step_fusions(False):  # the reference path: torch ops only
+        assert torch.equal(generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1), tokens)
+    with ak.use_backend("reference"):
+        generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    assert calls == []
+    with torch.inference_mode():
+        w = torch.ones(4)
+        assert step_ops(torch.zeros(2, 4), w) is cpu
+        assert step_ops(torch.zeros(2, 4, dtype=torch.float64), w.double()) is None  # a dtype they do not take
+        assert step_ops(torch.zeros(2, 4, dtype=torch.bfloat16), w) is None  # weights in another dtype
+        assert step_ops(torch.zeros(2, 4, device="meta"), w.to("meta")) is None

@@ -21,6 +21,7 @@
 #include "arpg/cpu/merge_states.h"
 #include "arpg/cpu/paged_attention.h"
 #include "arpg/cpu/sample.h"
+#include "arpg/cpu/step_ops.h"
 
 // c10::BFloat16 holds bfloat16 bits: the kernel may multiply them raw (AVX512_BF16).
 template <>
@@ -264,22 +265,6 @@ std::tuple<at::Tensor, at::Tensor> MergeAttentionStates(const at::Tensor& out_a,
 namespace arpg {
 namespace {
 
-// (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) in float, each product rounded before the sum as torch's ops do
-// (no FMA contraction), for the D / 2 pairs of one row.
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("fp-contract=off")))
-#endif
-void RotatePairs(const float* x, const float* table, int64_t pairs, float* out) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  for (int64_t i = 0; i < pairs; ++i) {
-    const float c = table[2 * i], s = table[2 * i + 1], x0 = x[2 * i], x1 = x[2 * i + 1];
-    out[2 * i] = x0 * c - x1 * s;
-    out[2 * i + 1] = x1 * c + x0 * s;
-  }
-}
-
 template <typename T>
 void AppendKvRopeTyped(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const int64_t* slots, const float* table) {
@@ -298,7 +283,7 @@ void AppendKvRopeTyped(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_c
       for (int64_t h = 0; h < heads; ++h) {
         const T* src = kp + t * k.stride(0) + h * k.stride(1);
         for (int64_t d = 0; d < dim; ++d) x[d] = static_cast<float>(src[d]);
-        RotatePairs(x.data(), table + t * pairs * 2, pairs, y.data());
+        cpu::RotatePairs(x.data(), table + t * pairs * 2, pairs, y.data());
         T* dst = kc + page * k_cache.stride(0) + off * k_cache.stride(1) + h * k_cache.stride(2);
         for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(y[d]);
         std::memcpy(vc + page * v_cache.stride(0) + off * v_cache.stride(1) + h * v_cache.stride(2),

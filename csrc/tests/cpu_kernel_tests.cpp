@@ -1,5 +1,5 @@
 // arpg_cpu_kernel_tests: the torch-free CPU kernels (arpg/cpu/paged_attention.h, arpg/cpu/merge_states.h,
-// arpg/cpu/sample.h)
+// arpg/cpu/sample.h, arpg/cpu/step_ops.h)
 // on random data against plain loops in double precision. Needs only the standard library: the 16-bit
 // storage types are small structs of this file (the header takes any T with static_cast<float> and
 // construction from float; it accepts every head dim, padding it to a multiple of 8 internally).
@@ -32,6 +32,7 @@
 #include "arpg/cpu/merge_states.h"
 #include "arpg/cpu/paged_attention.h"
 #include "arpg/cpu/sample.h"
+#include "arpg/cpu/step_ops.h"
 
 namespace {
 
@@ -821,6 +822,66 @@ void RunSample(int vocab, float temperature, int top_k, double top_p, bool cfg, 
          ok, 0, 0, detail);
 }
 
+// The decoding step's elementwise rows (step_ops.h) against double-precision loops, for row lengths around
+// the 8-wide blocks, in exactly sized buffers (ASan sees a read or write past a row or the scratch).
+template <typename T>
+void RunStepOps(int n, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::vector<T> x(n), y(n), w(n), out(n);
+  std::vector<float> xf(n), scratch((n + 7) / 8 * 8);
+  for (int i = 0; i < n; ++i) {
+    x[i] = T(normal(rng));
+    y[i] = T(normal(rng) * 3.f);
+    w[i] = T(1.f + 0.1f * normal(rng));
+    xf[i] = ToF(x[i]);
+  }
+  const double tol = std::is_same<T, float>::value ? 1e-5 : OutRelTol<T>();
+  // RMSNorm: x * rsqrt(mean(x^2) + eps) * w.
+  arpg::cpu::RmsNormRow(xf.data(), w.data(), n, 1e-5f, out.data());
+  double ss = 0.0, err = 0.0;
+  bool ok = true;
+  for (int i = 0; i < n; ++i) ss += static_cast<double>(xf[i]) * xf[i];
+  const double r = 1.0 / std::sqrt(ss / n + 1e-5);
+  for (int i = 0; i < n; ++i) {
+    const double want = xf[i] * r * ToF(w[i]);
+    err = std::max(err, std::fabs(ToF(out[i]) - want));
+    ok = ok && Close(ToF(out[i]), want, tol, 2 * tol);
+  }
+  Report(std::string("rms_norm ") + DtypeName<T>() + " n=" + std::to_string(n), ok, err, 0);
+  // silu(x) * y, over the range where exp saturates too.
+  for (int i = 0; i < n; ++i) x[i] = T(normal(rng) * 20.f);
+  arpg::cpu::SiluMulRow(x.data(), y.data(), n, scratch.data(), out.data());
+  ok = true;
+  err = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double a = ToF(x[i]);
+    const double want = a / (1.0 + std::exp(-a)) * ToF(y[i]);
+    err = std::max(err, std::fabs(ToF(out[i]) - want));
+    ok = ok && Close(ToF(out[i]), want, tol, 2 * tol);
+  }
+  Report(std::string("silu_mul ") + DtypeName<T>() + " n=" + std::to_string(n), ok, err, 0);
+  // RoPE pairs (even n only): (x0 c - x1 s, x1 c + x0 s), exact to a float rounding of each product.
+  if (n % 2 == 0) {
+    std::vector<float> table(n), rot(n);
+    std::uniform_real_distribution<float> angle(-3.2f, 3.2f);
+    for (int i = 0; i < n / 2; ++i) {
+      const float t = angle(rng);
+      table[2 * i] = std::cos(t);
+      table[2 * i + 1] = std::sin(t);
+    }
+    arpg::cpu::RotatePairs(xf.data(), table.data(), n / 2, rot.data());
+    ok = true;
+    err = 0.0;
+    for (int i = 0; i < n / 2; ++i) {
+      const double x0 = xf[2 * i], x1 = xf[2 * i + 1], c = table[2 * i], sn = table[2 * i + 1];
+      const double w0 = x0 * c - x1 * sn, w1 = x1 * c + x0 * sn;
+      err = std::max({err, std::fabs(rot[2 * i] - w0), std::fabs(rot[2 * i + 1] - w1)});
+      ok = ok && Close(rot[2 * i], w0, 1e-5, 1e-5) && Close(rot[2 * i + 1], w1, 1e-5, 1e-5);
+    }
+    Report(std::string("rope n=") + std::to_string(n), ok, err, 0);
+  }
+}
+
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "-v") g_verbose = true;
@@ -848,6 +909,11 @@ int main(int argc, char** argv) {
       RunSample(vocab, 1.3f, 40, 0.9, cfg, rng);
       RunSample(vocab, 0.0f, 0, 1.0, cfg, rng);
     }
+  }
+  for (int n : {1, 2, 7, 8, 9, 64, 96, 130}) {
+    RunStepOps<float>(n, rng);
+    RunStepOps<BF16>(n, rng);
+    RunStepOps<Half>(n, rng);
   }
   std::string paths;
   for (const auto& path : Paths<float>()) paths += std::string(paths.empty() ? "" : ", ") + path.first;
