@@ -120,6 +120,15 @@ def step_ops(x: torch.Tensor, weight: torch.Tensor):
     return _cpu_step_ops or None
 
 
+def _per_row(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a row-wise fn on x [R, dim]; when x is one row broadcast (stride 0: the [MASK] query
+    stream of the first cross layer), fn of that row, broadcast."""
+    if x.shape[0] > 1 and x.stride(0) == 0:
+        y = fn(x[:1])
+        return y.expand(x.shape[0], *y.shape[1:])
+    return fn(x)
+
+
 def _norm(norm: "RMSNorm", x: torch.Tensor, ops) -> torch.Tensor:
     return norm(x) if ops is None else ops.rms_norm(x, norm.weight, norm.eps)
 
@@ -244,7 +253,11 @@ class CrossAttention(nn.Module):
     def forward_paged(self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, ops=None):
         """Every query sees the whole shared cache. x: [T_q, dim]; rope: [T_q, head_dim // 2, 2]; ops:
         `step_ops` (RoPE on q as one op)."""
-        q = self._q(x, rope) if ops is None else ops.rope(self.to_q(x).view(*x.shape[:-1], self.n_head, self.head_dim), rope)
+        if ops is None:
+            q = self._q(x, rope)
+        else:  # rows of a broadcast x (the first layer's [MASK] stream) are projected once
+            q = _per_row(self.to_q, x).view(*x.shape[:-1], self.n_head, self.head_dim)
+            q = ops.rope(q, rope)
         o, _ = ak.paged_attention(q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q)
         return self.proj(o.flatten(-2))
 
@@ -305,8 +318,8 @@ class CrossDecoder(_Regularised):
         if ops is None:
             h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch)
             return h + self.ffn(self.ffn_norm(h))
-        a = self.attn.forward_paged(ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps), rope, k_cache,
-                                    v_cache, batch, ops)
+        xn = _per_row(lambda r: ops.rms_norm(r, self.attn_norm.weight, self.attn_norm.eps), x)
+        a = self.attn.forward_paged(xn, rope, k_cache, v_cache, batch, ops)
         h, hn = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
         return h + self.ffn.forward_step(hn, ops)
 

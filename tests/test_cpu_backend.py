@@ -270,6 +270,8 @@ def test_step_ops_match_the_torch_ops_they_replace(dtype, layout, rows, dim):
         if dim % 2 == 0:
             q = torch.randn(rows, 6, dim, generator=g).to(dtype)
             q = q[:, ::2] if layout == "strided" else q[:, :3]  # heads 2 * dim apart, or rows 6 * dim apart
+            if layout == "broadcast" and rows:
+                q = q[:1].expand(rows, 3, dim)  # one projected [MASK] row for every query
             table = torch.randn(rows, dim // 2, 2, generator=g)
             from arpg_kernels import reference
 

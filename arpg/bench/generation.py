@@ -185,12 +185,16 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
     return summaries
 
 
+# The CPU's one-op elementwise chains (arpg_kernels.cpu): model ops, not attention.
+_STEP_OP_EVENTS = {f"arpg_cpu::{op}" for op in ("rms_norm", "add_rms_norm", "silu_mul", "rope")}
+
+
 def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
     """Host milliseconds per step by part, from torch.profiler events of one `Engine.generate`.
 
     attention: the arpg ops (paged_attention, append_kv, with their Python checks and dispatch);
-    projections: linear/matmul; other_model_ops: the model's remaining torch ops (norms, RoPE, MLP
-    activations); model_python: the model step's time outside any op (Python, dispatch); sampling:
+    projections: linear/matmul; other_model_ops: the model's remaining ops (norms, RoPE, MLP activations,
+    the CPU's one-op versions of them included); model_python: the model step's time outside any op (Python, dispatch); sampling:
     guidance and the sampler, all of it; engine_other: the rest of the wall time (the plan, index
     bookkeeping, Python between steps)."""
     us = defaultdict(float)
@@ -200,7 +204,7 @@ def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
             children = 0.0
             for c in e.cpu_children:
                 children += c.cpu_time_total
-                if c.name.startswith("arpg::") or c.name.startswith("arpg_cpu::"):
+                if c.name.startswith("arpg::") or (c.name.startswith("arpg_cpu::") and c.name not in _STEP_OP_EVENTS):
                     us["attention"] += c.cpu_time_total
                 elif c.name in ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"):
                     us["projections"] += c.cpu_time_total
