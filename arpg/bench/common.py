@@ -175,11 +175,29 @@ def measure_copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30) ->
     return 2 * nbytes / t.median
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), with the ISA extensions that pick our kernel paths; '' where
+    Linux does not say."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    model = next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "").split())
+    isa = [name for name, flag in (("AVX-512", "avx512f"), ("AVX512_BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+           if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    model = " ".join(model.replace("(R)", "").replace("(TM)", "").split())
+    return f"{model} ({', '.join(isa)})" if model and isa else model
+
+
 def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU's: "CPU x86_64 x2, AMD EPYC (AVX-512, AVX512_BF16)" (cores, model, ISA)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    base = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    model = _cpu_model()
+    return f"{base}, {model}" if model else base
 
 
 def _git_commit() -> str:
