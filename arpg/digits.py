@@ -175,8 +175,8 @@ def train(
     in eval mode, info).
 
     The defaults are the recipe of the shipped checkpoint. One process uses `threads` torch threads (0 or
-    None: torch's default, every core; on the project's 2-core AMD EPYC two threads train 1.56x faster
-    than one, 125 vs 195 ms a step). `procs` > 1 runs that many single-threaded processes under torchrun
+    None: leave torch's setting, by default every core, as the command line does; on the project's 2-core
+    AMD EPYC two threads train 1.56x faster than one, 125 vs 195 ms a step). `procs` > 1 runs that many single-threaded processes under torchrun
     (data parallel over gloo); the result is the same as one process's up to the order of float
     reductions. The weights are written to `out` (if given) with their config, stored in
     `storage_dtype`, and the training facts next to them (`.json`). Inside a torchrun world (WORLD_SIZE

@@ -100,7 +100,6 @@ def fusions_enabled() -> bool:
 
 
 _cpu_step_ops = None  # arpg_kernels.cpu once its library is known to have the step ops, else False
-_STEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def step_ops(x: torch.Tensor, weight: torch.Tensor):
@@ -109,9 +108,9 @@ def step_ops(x: torch.Tensor, weight: torch.Tensor):
     step fusions on (`step_fusions`), under the auto or cpu backend, outside autograd and compilation
     (inductor fuses on its own). A CPU step's host time is mostly its number of ops: RMSNorm alone is eight."""
     global _cpu_step_ops
-    if (x.device.type != "cpu" or x.dtype not in _STEP_DTYPES or x.dtype is not weight.dtype or not fusions_enabled()
-            or ak.get_backend() not in ("auto", "cpu") or (torch.is_grad_enabled() and weight.requires_grad)
-            or torch.compiler.is_compiling()):
+    if (x.device.type != "cpu" or x.dtype not in ak.checks.SUPPORTED_DTYPES or x.dtype is not weight.dtype
+            or not fusions_enabled() or ak.get_backend() not in ("auto", "cpu")
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or torch.compiler.is_compiling()):
         return None
     if _cpu_step_ops is None:
         from arpg_kernels import cpu
@@ -242,8 +241,12 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(config.dim, config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def _q(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        return apply_rope(self.to_q(x).view(*x.shape[:-1], self.n_head, self.head_dim), rope)
+    def _q(self, x: torch.Tensor, rope: torch.Tensor, ops=None) -> torch.Tensor:
+        """q of x [..., T, dim], RoPE'd. ops (`step_ops`, decoding): RoPE as one op, and the rows of a
+        broadcast x (the first layer's [MASK] stream) projected once."""
+        if ops is None:
+            return apply_rope(self.to_q(x).view(*x.shape[:-1], self.n_head, self.head_dim), rope)
+        return ops.rope(_per_row(self.to_q, x).view(*x.shape[:-1], self.n_head, self.head_dim), rope)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """Query j sees keys 0..j. x: [B, L, dim]; k, v: [B, L, H, D]; rope: [B, L, head_dim // 2, 2]."""
@@ -253,12 +256,7 @@ class CrossAttention(nn.Module):
     def forward_paged(self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, ops=None):
         """Every query sees the whole shared cache. x: [T_q, dim]; rope: [T_q, head_dim // 2, 2]; ops:
         `step_ops` (RoPE on q as one op)."""
-        if ops is None:
-            q = self._q(x, rope)
-        else:  # rows of a broadcast x (the first layer's [MASK] stream) are projected once
-            q = _per_row(self.to_q, x).view(*x.shape[:-1], self.n_head, self.head_dim)
-            q = ops.rope(q, rope)
-        o, _ = ak.paged_attention(q, k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q)
+        o, _ = ak.paged_attention(self._q(x, rope, ops), k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q)
         return self.proj(o.flatten(-2))
 
 
@@ -294,8 +292,7 @@ class SelfDecoder(_Regularised):
         if ops is None:
             h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch, causal)
             return h + self.ffn(self.ffn_norm(h))
-        a = self.attn.forward_paged(ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps), rope, k_cache,
-                                    v_cache, batch, causal, ops)
+        a = self.attn.forward_paged(_norm(self.attn_norm, x, ops), rope, k_cache, v_cache, batch, causal, ops)
         h, hn = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
         return h + self.ffn.forward_step(hn, ops)
 
@@ -318,7 +315,7 @@ class CrossDecoder(_Regularised):
         if ops is None:
             h = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch)
             return h + self.ffn(self.ffn_norm(h))
-        xn = _per_row(lambda r: ops.rms_norm(r, self.attn_norm.weight, self.attn_norm.eps), x)
+        xn = _per_row(lambda r: _norm(self.attn_norm, r, ops), x)
         a = self.attn.forward_paged(xn, rope, k_cache, v_cache, batch, ops)
         h, hn = ops.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
         return h + self.ffn.forward_step(hn, ops)

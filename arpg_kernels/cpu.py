@@ -25,7 +25,7 @@ from . import _build
 __all__ = [
     "PAGED_ATTENTION_DTYPES", "add_rms_norm", "append_kv", "append_kv_rope", "attention_backward", "attention_forward",
     "is_available", "load_error", "merge_attention_states", "paged_attention", "rms_norm", "rope", "sample_tokens",
-    "silu_mul", "step_ops_available", "supports",
+    "silu_mul", "STEP_OPS", "step_ops_available", "supports",
 ]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,7 +35,7 @@ _OPS = ("paged_attention", "append_kv", "append_kv_rope", "merge_attention_state
 _DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attention CPU kernels
 # A decoding step's elementwise chains in one op each (csrc/cpu/step_ops.cpp): not backend ops of
 # torch.ops.arpg, helpers that arpg.model's decoding path calls on CPU tensors (`step_ops_available`).
-_STEP_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rope")
+STEP_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rope")
 
 
 def _registered() -> bool:
@@ -63,7 +63,17 @@ def _paged_attention_fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, 
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
+def _step_ops_registered() -> bool:
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"arpg_cpu::{op}", "CPU") for op in STEP_OPS)
+    except RuntimeError:
+        return False
+
+
 _load_error = _load()
+# A library built before the step ops lacks them: the backend still serves its ops, decoding runs the
+# chains as torch ops.
+_step_ops = _load_error is None and _step_ops_registered()
 if _load_error is None:
     for _name, _fake in (
         ("paged_attention", _paged_attention_fake),
@@ -72,10 +82,12 @@ if _load_error is None:
         ("merge_attention_states", lambda out_a, lse_a, out_b, lse_b: (out_a.new_empty(out_a.shape),
                                                                        lse_a.new_empty(lse_a.shape))),
         ("sample_tokens", lambda logits, *args: logits.new_empty(logits.shape[:1], dtype=torch.int64)),
-        ("rms_norm", lambda x, weight, eps: x.new_empty(x.shape)),
-        ("add_rms_norm", lambda x, y, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape))),
-        ("silu_mul", lambda a, b: a.new_empty(a.shape)),
-        ("rope", lambda x, rope: x.new_empty(x.shape)),
+        *((
+            ("rms_norm", lambda x, weight, eps: x.new_empty(x.shape)),
+            ("add_rms_norm", lambda x, y, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape))),
+            ("silu_mul", lambda a, b: a.new_empty(a.shape)),
+            ("rope", lambda x, rope: x.new_empty(x.shape)),
+        ) if _step_ops else ()),
     ):
         try:
             torch.library.register_fake(f"arpg_cpu::{_name}", _fake)
@@ -87,16 +99,6 @@ if _load_error is None:
 def is_available() -> bool:
     """Whether the compiled library is loaded and registers the arpg_cpu ops."""
     return _load_error is None
-
-
-def _step_ops_registered() -> bool:
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"arpg_cpu::{op}", "CPU") for op in _STEP_OPS)
-    except RuntimeError:
-        return False
-
-
-_step_ops = _load_error is None and _step_ops_registered()
 
 
 def step_ops_available() -> bool:

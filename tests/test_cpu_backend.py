@@ -349,3 +349,32 @@ def test_decoding_takes_the_step_ops_only_where_they_apply(monkeypatch):
         assert step_ops(torch.zeros(2, 4, dtype=torch.float64), w.double()) is None  # a dtype they do not take
         assert step_ops(torch.zeros(2, 4, dtype=torch.bfloat16), w) is None  # weights in another dtype
         assert step_ops(torch.zeros(2, 4, device="meta"), w.to("meta")) is None
+
+
+def test_silu_mul_at_the_ends_of_the_range():
+    a = torch.tensor([[-float("inf"), -1e4, -100.0, -87.5, -86.0, -20.0, 0.0, 20.0, 100.0, float("inf"), float("nan"),
+                       -0.0, 1e-30, -1e-30, 3.0, -3.0]])
+    want = torch.nn.functional.silu(a)
+    torch.testing.assert_close(cpu.silu_mul(a, torch.ones_like(a)), want, atol=1e-30, rtol=4e-6, equal_nan=True)
+
+
+def test_a_library_without_the_step_ops_still_serves_the_others(monkeypatch):
+    """A _cpu built before the step ops: the module imports, its other ops work, decoding keeps torch ops."""
+    import importlib
+
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+    stale = {f"arpg_cpu::{op}" for op in cpu.STEP_OPS}
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda name, key: False if name in stale else real(name, key))
+    try:
+        importlib.reload(cpu)
+        assert cpu.is_available() and not cpu.step_ops_available()
+        from arpg import model as arpg_model
+
+        monkeypatch.setattr(arpg_model, "_cpu_step_ops", None)
+        with torch.inference_mode():
+            assert arpg_model.step_ops(torch.zeros(2, 4), torch.ones(4)) is None
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cpu)
+    assert cpu.step_ops_available()

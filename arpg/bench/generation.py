@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 
 import arpg_kernels as ak
+from arpg_kernels.cpu import STEP_OPS
 from arpg import ARPG, RasterLM
 from arpg import model as arpg_model
 from arpg.config import ARPGConfig
@@ -186,7 +187,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
 
 
 # The CPU's one-op elementwise chains (arpg_kernels.cpu): model ops, not attention.
-_STEP_OP_EVENTS = {f"arpg_cpu::{op}" for op in ("rms_norm", "add_rms_norm", "silu_mul", "rope")}
+_STEP_OP_EVENTS = {f"arpg_cpu::{op}" for op in STEP_OPS}
 
 
 def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:

@@ -52,11 +52,13 @@ inline void RmsNormRow(const float* x, const T* weight, int64_t n, float eps, T*
 }
 
 // silu(x) = x * sigmoid(x) on eight lanes, with exp of -|x| only (ExpNonPositive8's range): sigmoid is
-// 1 / (1 + e) for x >= 0 and e / (1 + e) below, e = exp(-|x|). Within a few ulp of torch's x / (1 + exp(-x)).
+// 1 / (1 + e) for x >= 0 and e / (1 + e) below, e = exp(-|x|). Within a few ulp of torch's x / (1 + exp(-x));
+// below -87, where the exp stops, sigmoid is 0 (so -inf gives NaN, as torch's does).
 ARPG_CPU_INLINE Vec8 Silu8(Vec8 x) {
   const Int8 neg = x < Splat8(0.0f);
   const Vec8 e = ExpNonPositive8(Select8(neg, x, -x));
-  return x * (Select8(neg, e, Splat8(1.0f)) / (Splat8(1.0f) + e));
+  const Vec8 sigmoid = Select8(neg, e, Splat8(1.0f)) / (Splat8(1.0f) + e);
+  return x * Select8(x < Splat8(-87.0f), Splat8(0.0f), sigmoid);
 }
 
 // silu(a) * b for n values: silu rounded to T (torch's silu), then the product. x: scratch of n rounded up
