@@ -176,11 +176,11 @@ def train(
 
     The defaults are the recipe of the shipped checkpoint. One process uses `threads` torch threads (0 or
     None: leave torch's setting, by default every core, as the command line does; on the project's 2-core
-    AMD EPYC two threads train 1.56x faster than one, 125 vs 195 ms a step). `procs` > 1 runs that many single-threaded processes under torchrun
-    (data parallel over gloo); the result is the same as one process's up to the order of float
-    reductions. The weights are written to `out` (if given) with their config, stored in
-    `storage_dtype`, and the training facts next to them (`.json`). Inside a torchrun world (WORLD_SIZE
-    set) this process is one rank of it, and rank 0 writes.
+    AMD EPYC two threads train 1.56x faster than one, 125 vs 195 ms a step). `procs` > 1 runs that many
+    single-threaded processes under torchrun (data parallel over gloo); the result is the same as one
+    process's up to the order of float reductions. The weights are written to `out` (if given) with their
+    config, stored in `storage_dtype`, and the training facts next to them (`.json`). Inside a torchrun
+    world (WORLD_SIZE set) this process is one rank of it, and rank 0 writes.
     """
     import resource
     import tempfile
@@ -780,7 +780,8 @@ def _train_parser(prog: str = "arpg train-digits") -> argparse.ArgumentParser:
                    help="fraction of context tokens replaced by random values while training")
     p.add_argument("--procs", type=int, default=d["procs"],
                    help="data-parallel processes, one thread each, launched under torchrun")
-    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads when --procs 1 (0: torch's default, every core)")
+    p.add_argument("--threads", type=int, default=d["threads"],
+                   help="torch threads when --procs 1 (0: torch's default, every core)")
     p.add_argument("--log-every", type=int, default=d["log_every"])
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     return p

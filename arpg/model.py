@@ -110,7 +110,8 @@ def step_ops(x: torch.Tensor, weight: torch.Tensor):
     global _cpu_step_ops
     if (x.device.type != "cpu" or x.dtype not in ak.checks.SUPPORTED_DTYPES or x.dtype is not weight.dtype
             or not fusions_enabled() or ak.get_backend() not in ("auto", "cpu")
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or torch.compiler.is_compiling()):
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or torch.compiler.is_compiling()):
         return None
     if _cpu_step_ops is None:
         from arpg_kernels import cpu
@@ -256,7 +257,9 @@ class CrossAttention(nn.Module):
     def forward_paged(self, x: torch.Tensor, rope: torch.Tensor, k_cache, v_cache, batch: PagedBatch, ops=None):
         """Every query sees the whole shared cache. x: [T_q, dim]; rope: [T_q, head_dim // 2, 2]; ops:
         `step_ops` (RoPE on q as one op)."""
-        o, _ = ak.paged_attention(self._q(x, rope, ops), k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q)
+        o, _ = ak.paged_attention(
+            self._q(x, rope, ops), k_cache, v_cache, batch.block_table, batch.kv_lens, batch.cu_q, batch.max_q
+        )
         return self.proj(o.flatten(-2))
 
 

@@ -38,9 +38,9 @@ _DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attent
 STEP_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rope")
 
 
-def _registered() -> bool:
+def _registered(ops=_OPS) -> bool:
     try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"arpg_cpu::{op}", "CPU") for op in _OPS)
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"arpg_cpu::{op}", "CPU") for op in ops)
     except RuntimeError:
         return False
 
@@ -63,17 +63,10 @@ def _paged_attention_fake(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, 
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-def _step_ops_registered() -> bool:
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"arpg_cpu::{op}", "CPU") for op in STEP_OPS)
-    except RuntimeError:
-        return False
-
-
 _load_error = _load()
 # A library built before the step ops lacks them: the backend still serves its ops, decoding runs the
 # chains as torch ops.
-_step_ops = _load_error is None and _step_ops_registered()
+_step_ops = _load_error is None and _registered(STEP_OPS)
 if _load_error is None:
     for _name, _fake in (
         ("paged_attention", _paged_attention_fake),

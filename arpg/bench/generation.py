@@ -195,9 +195,9 @@ def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
 
     attention: the arpg ops (paged_attention, append_kv, with their Python checks and dispatch);
     projections: linear/matmul; other_model_ops: the model's remaining ops (norms, RoPE, MLP activations,
-    the CPU's one-op versions of them included); model_python: the model step's time outside any op (Python, dispatch); sampling:
-    guidance and the sampler, all of it; engine_other: the rest of the wall time (the plan, index
-    bookkeeping, Python between steps)."""
+    the CPU's one-op versions of them included); model_python: the model step's time outside any op
+    (Python, dispatch); sampling: guidance and the sampler, all of it; engine_other: the rest of the wall
+    time (the plan, index bookkeeping, Python between steps)."""
     us = defaultdict(float)
     top = [e for e in events if e.cpu_parent is None]
     for e in top:
@@ -205,7 +205,8 @@ def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
             children = 0.0
             for c in e.cpu_children:
                 children += c.cpu_time_total
-                if c.name.startswith("arpg::") or (c.name.startswith("arpg_cpu::") and c.name not in _STEP_OP_EVENTS):
+                if c.name.startswith("arpg::") or (c.name.startswith("arpg_cpu::")
+                                                   and c.name not in _STEP_OP_EVENTS):
                     us["attention"] += c.cpu_time_total
                 elif c.name in ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"):
                     us["projections"] += c.cpu_time_total
