@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,6 +119,108 @@ def step_ops(x: torch.Tensor, weight: torch.Tensor):
 
         _cpu_step_ops = cpu if cpu.step_ops_available() else False
     return _cpu_step_ops or None
+
+
+_whole = threading.local()
+
+
+@contextlib.contextmanager
+def whole_step(enabled: bool):
+    """Turn the CPU's whole-step op (`arpg_cpu::decode_step`, see `cpu_decode_step`) on or off in this thread
+    until the block ends: off runs the step op by op from Python (benchmarks, debugging), the same ops."""
+    prev = getattr(_whole, "enabled", True)
+    _whole.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _whole.enabled = prev
+
+
+def _self_weights(layer: "SelfDecoder") -> tuple[torch.Tensor, ...]:
+    a, f = layer.attn, layer.ffn
+    return (layer.attn_norm.weight, a.to_q.weight, a.to_k.weight, a.to_v.weight, a.proj.weight,
+            layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight)
+
+
+def _cross_weights(layer: "CrossDecoder") -> tuple[torch.Tensor, ...]:
+    a, f = layer.attn, layer.ffn
+    return (layer.attn_norm.weight, a.to_q.weight, a.proj.weight, layer.ffn_norm.weight, f.w1.weight, f.w3.weight,
+            f.w2.weight)
+
+
+# Every parameter or module (re)registration anywhere bumps this count: `_step_weights` then rebuilds its lists,
+# which otherwise hold the parameters themselves (in-place updates and `.to()` show through them).
+_registrations = [0]
+
+
+def _registered(*args) -> None:
+    _registrations[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_registered)
+nn.modules.module.register_module_module_registration_hook(_registered)
+_STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _step_weights(model, self_layers, two_pass) -> tuple[list, list, list]:
+    """The weight lists of `arpg_cpu::decode_step` and the model's norms, built once per model (a step spent
+    about 70 us on these attribute reads)."""
+    hit = _STEP_WEIGHTS.get(model)
+    if hit is not None and hit[0] == _registrations[0]:
+        return hit[1:]
+    weights = [model.embeddings.weight, model.norm.weight, model.head.weight]
+    norms = [model.norm]
+    for layer in self_layers:
+        weights += _self_weights(layer)
+        norms += (layer.attn_norm, layer.ffn_norm)
+    cross = []
+    if two_pass is not None:
+        cross = [two_pass.norm.weight, two_pass.to_k.weight, two_pass.to_v.weight]
+        norms.append(two_pass.norm)
+        for layer in two_pass.cross_dec:
+            cross += _cross_weights(layer)
+            norms += (layer.attn_norm, layer.ffn_norm)
+    _STEP_WEIGHTS[model] = (_registrations[0], weights, cross, norms)
+    return weights, cross, norms
+
+
+def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, batch: PagedBatch, causal: bool,
+                    two_pass: Optional["TwoPassDecoder"] = None) -> Optional[torch.Tensor]:
+    """A whole decoding step as one op, `arpg_cpu::decode_step` (csrc/cpu/decode_step.cpp): the ops of the
+    step-op path (`step_ops`, RoPE inside the append) in the same order, called from C++, so the logits are
+    the same bit for bit. On a CPU a step's host time is mostly Python between its ops. Returns None where it
+    does not apply (then the caller runs the step op by op): outside `step_ops`' conditions, with
+    `whole_step(False)`, without RoPE inside the append (`FUSED_ROPE_APPEND`), with a library built before
+    the op, or with weights of mixed dtypes or norms of different eps.
+
+    model: ARPG or RasterLM (embeddings, norm, head); self_layers: its SelfDecoders; two_pass: ARPG's
+    TwoPassDecoder (shared K/V and cross layers; None: the raster model, whose logits are those of the fed
+    tokens); table: the RoPE table that pos_in and pos_q index.
+    """
+    emb = model.embeddings.weight
+    ops = step_ops(emb, emb)
+    if (ops is None or not getattr(_whole, "enabled", True) or not ops.decode_step_available()
+            or "cpu" not in FUSED_ROPE_APPEND or not fusions_enabled()):
+        return None
+    weights, cross, norms = _step_weights(model, self_layers, two_pass)
+    eps, dtype = model.norm.eps, emb.dtype
+    if any(n.eps != eps for n in norms) or any(w.dtype is not dtype for w in weights) or any(
+            w.dtype is not dtype for w in cross):
+        return None
+    n_caches = len(self_layers) + (two_pass is not None)
+    k_caches, v_caches = zip(*(cache.layer(i) for i in range(n_caches)))
+    # The checks the ops' wrappers run, once per kind of call, on stand-ins of the step's q and k.
+    c = model.config
+    rows_in = emb.new_empty((tokens.shape[0], c.n_head, c.head_dim))
+    ak.checks.check_append_kv(rows_in, rows_in, k_caches[0], v_caches[0], batch.slot_mapping)
+    ak.checks.check_paged_attention(rows_in, k_caches[0], v_caches[0], batch.block_table, batch.kv_lens, batch.cu_in,
+                                    batch.max_in, causal, None, False)
+    if two_pass is not None:
+        rows_q = emb.new_empty((pos_q.shape[0], c.n_head, c.head_dim))
+        ak.checks.check_paged_attention(rows_q, k_caches[-1], v_caches[-1], batch.block_table, batch.kv_lens,
+                                        batch.cu_q, batch.max_q, False, None, False)
+    return ops.decode_step(tokens, pos_in, pos_q, table, weights, cross, list(k_caches), list(v_caches), batch,
+                           c.n_head, eps, causal, c.mask_token_id)
 
 
 def _per_row(fn, x: torch.Tensor) -> torch.Tensor:
@@ -490,6 +593,10 @@ class ARPG(nn.Module):
         mask, as the original feeds each step's sampled tokens. Returns float32 logits [T_q, V].
         """
         rope = self.rope_table(tokens.device, grid)
+        logits = cpu_decode_step(self, self.layers.self_dec, tokens, pos_in, pos_q, rope, cache, batch, causal,
+                                 self.layers)
+        if logits is not None:
+            return logits
         rope_in, rope_q = rope[pos_in], rope[pos_q]
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers.self_dec):

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RASTER_CONFIGS, ARPGConfig, get_config
-from .model import PagedBatch, RMSNorm, SelfDecoder, _norm, precompute_rope_2d, step_ops
+from .model import PagedBatch, RMSNorm, SelfDecoder, _norm, cpu_decode_step, precompute_rope_2d, step_ops
 
 __all__ = ["RasterLM", "RASTER_CONFIGS"]
 
@@ -87,7 +87,11 @@ class RasterLM(nn.Module):
         """tokens, pos_in: [T] (one per sequence) -> float32 logits [T, V] for the next token.
 
         pos_q is unused (the next position is implied by the order)."""
-        rope = self.rope_table(tokens.device)[pos_in]
+        table = self.rope_table(tokens.device)
+        logits = cpu_decode_step(self, self.layers, tokens, pos_in, pos_q, table, cache, batch, True)
+        if logits is not None:
+            return logits
+        rope = table[pos_in]
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer.forward_paged(x, rope, *cache.layer(i), batch, causal=True)

@@ -23,9 +23,10 @@ from torch import Tensor
 from . import _build
 
 __all__ = [
-    "PAGED_ATTENTION_DTYPES", "add_rms_norm", "append_kv", "append_kv_rope", "attention_backward", "attention_forward",
-    "is_available", "load_error", "merge_attention_states", "paged_attention", "rms_norm", "rope", "sample_tokens",
-    "silu_mul", "STEP_OPS", "step_ops_available", "supports",
+    "PAGED_ATTENTION_DTYPES", "STEP_OPS", "WHOLE_STEP_OP", "add_rms_norm", "append_kv", "append_kv_rope",
+    "attention_backward", "attention_forward", "decode_step", "decode_step_available", "is_available", "load_error",
+    "merge_attention_states", "paged_attention", "rms_norm", "rope", "sample_tokens", "silu_mul",
+    "step_ops_available", "supports",
 ]
 
 PAGED_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,6 +37,8 @@ _DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attent
 # A decoding step's elementwise chains in one op each (csrc/cpu/step_ops.cpp): not backend ops of
 # torch.ops.arpg, helpers that arpg.model's decoding path calls on CPU tensors (`step_ops_available`).
 STEP_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rope")
+# A whole decoding step as one op (csrc/cpu/decode_step.cpp), built from the ops above: `arpg.model.cpu_decode_step`.
+WHOLE_STEP_OP = "decode_step"
 
 
 def _registered(ops=_OPS) -> bool:
@@ -67,6 +70,13 @@ _load_error = _load()
 # A library built before the step ops lacks them: the backend still serves its ops, decoding runs the
 # chains as torch ops.
 _step_ops = _load_error is None and _registered(STEP_OPS)
+_whole_step = _step_ops and _registered((WHOLE_STEP_OP,))
+
+
+def _decode_step_fake(tokens, pos_in, pos_q, rope_table, weights, cross_weights, *args):
+    rows = pos_q.shape[0] if cross_weights else tokens.shape[0]
+    return weights[0].new_empty((rows, weights[2].shape[0]), dtype=torch.float32)
+
 if _load_error is None:
     for _name, _fake in (
         ("paged_attention", _paged_attention_fake),
@@ -81,6 +91,7 @@ if _load_error is None:
             ("silu_mul", lambda a, b: a.new_empty(a.shape)),
             ("rope", lambda x, rope: x.new_empty(x.shape)),
         ) if _step_ops else ()),
+        *(((WHOLE_STEP_OP, _decode_step_fake),) if _whole_step else ()),
     ):
         try:
             torch.library.register_fake(f"arpg_cpu::{_name}", _fake)
@@ -98,6 +109,11 @@ def step_ops_available() -> bool:
     """Whether the library has the decoding step's fused elementwise ops (rms_norm, add_rms_norm, silu_mul,
     rope)."""
     return _step_ops
+
+
+def decode_step_available() -> bool:
+    """Whether the library has the whole-step op (`decode_step`)."""
+    return _whole_step
 
 
 def load_error() -> Optional[str]:
@@ -263,3 +279,17 @@ def rope(x: Tensor, table: Tensor) -> Tensor:
     float32 products and sums in one op. Rows and heads of x may have any stride. Returns [T, H, D]
     contiguous in x's dtype."""
     return torch.ops.arpg_cpu.rope(x, table.contiguous())
+
+
+def decode_step(tokens: Tensor, pos_in: Tensor, pos_q: Tensor, rope_table: Tensor, weights, cross_weights, k_caches,
+                v_caches, batch, n_head: int, eps: float, causal: bool, mask_token_id: int) -> Tensor:
+    """A whole decoding step of ARPG or the raster model as one op (`arpg.model.cpu_decode_step` builds the
+    arguments). tokens, pos_in: int64 [T_in]; pos_q: int64 [T_q]; rope_table: float32 [P, D / 2, 2];
+    weights: embedding, final norm, head, then 9 per self layer; cross_weights: the shared K/V's norm, to_k,
+    to_v, then 7 per cross layer (empty: the raster model); k_caches, v_caches: one per cache layer; batch:
+    an `arpg.model.PagedBatch`. Returns float32 logits [T_q, V] (raster: [T_in, V])."""
+    return torch.ops.arpg_cpu.decode_step(
+        tokens, pos_in, pos_q, rope_table, list(weights), list(cross_weights), list(k_caches), list(v_caches),
+        batch.slot_mapping, batch.block_table, batch.kv_lens, batch.cu_in, batch.cu_q, int(batch.max_in),
+        int(batch.max_q), int(n_head), float(eps), bool(causal), int(mask_token_id),
+    )

@@ -323,7 +323,7 @@ def test_step_ops_opcheck():
 def test_decoding_takes_the_step_ops_only_where_they_apply(monkeypatch):
     from arpg import ARPG, RasterLM, generate
     from arpg.config import ARPGConfig
-    from arpg.model import step_fusions, step_ops
+    from arpg.model import step_fusions, step_ops, whole_step
 
     assert cpu.step_ops_available()
     calls = []
@@ -334,9 +334,10 @@ def test_decoding_takes_the_step_ops_only_where_they_apply(monkeypatch):
     torch.manual_seed(0)
     model, raster = ARPG(cfg).eval(), RasterLM(cfg).eval()
     labels = torch.tensor([0, 3])
-    tokens = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
-    assert {"rms_norm", "add_rms_norm", "silu_mul", "rope"} <= set(calls)
-    generate(raster, labels, cfg_scale=2.0, seed=1)
+    with whole_step(False):  # op by op from Python (the whole-step op calls them from C++)
+        tokens = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+        assert {"rms_norm", "add_rms_norm", "silu_mul", "rope"} <= set(calls)
+        generate(raster, labels, cfg_scale=2.0, seed=1)
     calls.clear()
     with step_fusions(False):  # the reference path: torch ops only
         assert torch.equal(generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1), tokens)
@@ -378,3 +379,200 @@ def test_a_library_without_the_step_ops_still_serves_the_others(monkeypatch):
         monkeypatch.undo()
         importlib.reload(cpu)
     assert cpu.step_ops_available()
+
+
+def _whole_step_models(dtype):
+    from arpg import ARPG, RasterLM
+    from arpg.config import ARPGConfig
+
+    cfg = ARPGConfig(dim=64, n_layer=4, n_head=2, vocab_size=64, num_classes=4, grid_size=4)
+    torch.manual_seed(0)
+    models = ARPG(cfg).to(dtype=dtype).eval(), RasterLM(cfg).to(dtype=dtype).eval()
+    for p in (*models[0].parameters(), *models[1].parameters()):
+        torch.nn.init.normal_(p, 0.0, 0.1)  # a nonzero head: the logits say something
+    return models
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_step_op_gives_the_logits_of_the_step_op_by_op(dtype, monkeypatch):
+    """arpg_cpu::decode_step runs the step-op path's ops in its order: the same logits bit for bit, for ARPG
+    (guidance, per-sample orders) and the raster model, and for an edit (known tokens fed causally at step
+    0) whose samples feed and predict different numbers of tokens (varlen rows)."""
+    from arpg.edit import inpaint
+    from arpg.engine import Engine
+    from arpg.model import whole_step
+
+    assert cpu.decode_step_available()
+    calls = []
+    real = cpu.decode_step
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(1) or real(*a))
+    model, raster = _whole_step_models(dtype)
+    labels = torch.tensor([0, 3, 1])
+    for m, kw in ((model, dict(num_steps=5)), (raster, {})):
+        engine = Engine(m, 6)
+        calls.clear()
+        got = engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], return_logits=True, **kw)
+        assert len(calls) == len(got[1])
+        with whole_step(False):
+            want = engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], return_logits=True, **kw)
+        assert torch.equal(got[0], want[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    image = torch.randint(0, 64, (3, 16))
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, :5], mask[1, 3:12], mask[2, 10:] = True, True, True  # a different number of known tokens each
+    calls.clear()
+    got = inpaint(model, image, mask, labels, num_steps=4, cfg_scale=2.0, seed=[4, 5, 6])
+    assert calls
+    with whole_step(False):
+        assert torch.equal(got, inpaint(model, image, mask, labels, num_steps=4, cfg_scale=2.0, seed=[4, 5, 6]))
+
+
+def test_whole_step_op_only_where_it_applies(monkeypatch):
+    from arpg import generate
+    from arpg import model as arpg_model
+    from arpg.model import step_fusions, whole_step
+
+    calls = []
+    real = cpu.decode_step
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(1) or real(*a))
+    model, raster = _whole_step_models(torch.float32)
+    labels = torch.tensor([0, 3])
+    tokens = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    assert len(calls) == 3
+    generate(raster, labels, cfg_scale=2.0, seed=1)
+    assert len(calls) == 3 + 16
+    calls.clear()
+    with whole_step(False):
+        assert torch.equal(generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1), tokens)
+    with step_fusions(False):
+        generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    with ak.use_backend("reference"):
+        generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    monkeypatch.setattr(arpg_model, "FUSED_ROPE_APPEND", set())  # its appends rotate K inside the op
+    generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(1) or real(*a))
+    model.layers.cross_dec[0].ffn_norm.eps = 1e-3  # one eps for every norm, or op by op
+    generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    assert calls == []
+    model.layers.cross_dec[0].ffn_norm.eps = model.norm.eps
+    generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    assert len(calls) == 3
+
+
+def test_whole_step_op_sees_replaced_and_updated_weights():
+    """The op's weight lists are kept per model: a parameter or layer set anew, a weight changed in place and a
+    dtype conversion all show in the next step."""
+    from arpg import generate
+    from arpg.model import CrossDecoder, whole_step
+
+    model, _ = _whole_step_models(torch.float32)
+    labels = torch.tensor([0, 3])
+
+    def both():
+        got = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1, return_logits=True)
+        with whole_step(False):
+            want = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1, return_logits=True)
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+        return got[1]
+
+    first = both()
+    model.head.weight = torch.nn.Parameter(torch.randn_like(model.head.weight))
+    second = both()
+    assert not torch.equal(first[0], second[0])
+    with torch.no_grad():
+        model.layers.self_dec[0].attn.to_v.weight.mul_(2.0)
+    third = both()
+    assert not torch.equal(second[0], third[0])
+    torch.manual_seed(1)
+    model.layers.cross_dec[1] = CrossDecoder(model.config).eval()
+    assert not torch.equal(third[0], both()[0])
+    model.to(torch.bfloat16)
+    assert both()[0].dtype == torch.float32
+
+
+def test_whole_step_op_refuses_bad_input():
+    """The shared checks name a bad batch before the op runs; the op itself names a bad weight list."""
+    from arpg.engine import Engine, generation_plans
+    from arpg.model import PagedBatch, cpu_decode_step
+
+    model, _ = _whole_step_models(torch.float32)
+    engine = Engine(model, 2)
+    seq_ids, inputs = engine._prepare(generation_plans(model, 2, 3, "arccos", 1.0, "constant", None, None), 2, 16)
+    try:
+        inp = inputs[0]
+        tokens = model.class_ids(torch.tensor([0, 1]))
+        b = inp.batch
+        table = model.rope_table("cpu")
+        with torch.inference_mode():
+            bad = PagedBatch(b.slot_mapping, b.block_table, b.kv_lens, b.cu_in.long(), b.cu_q, b.max_in, b.max_q)
+            with pytest.raises(ValueError, match="cu_q_lens"):
+                model.decode_step(tokens, inp.pos_in, inp.pos_q, engine.cache, bad)
+            bad = PagedBatch(b.slot_mapping.int(), b.block_table, b.kv_lens, b.cu_in, b.cu_q, b.max_in, b.max_q)
+            with pytest.raises(ValueError, match="slot_mapping"):
+                model.decode_step(tokens, inp.pos_in, inp.pos_q, engine.cache, bad)
+            with pytest.raises(IndexError):
+                model.decode_step(tokens, inp.pos_in + 1000, inp.pos_q, engine.cache, b)
+            with pytest.raises(RuntimeError, match="weights must be the embedding"):
+                cpu.decode_step(tokens, inp.pos_in, inp.pos_q, table, [model.embeddings.weight], [],
+                                [engine.cache.layer(0)[0]], [engine.cache.layer(0)[1]], b, 2, 1e-5, False, 0)
+            ok = cpu_decode_step(model, model.layers.self_dec, tokens, inp.pos_in, inp.pos_q, table, engine.cache, b,
+                                 False, model.layers)
+            assert ok.shape == (inp.pos_q.shape[0], model.config.vocab_size) and ok.dtype == torch.float32
+        with torch.enable_grad():  # a step whose autograd graph is wanted stays op by op
+            assert cpu_decode_step(model, model.layers.self_dec, tokens, inp.pos_in, inp.pos_q, table, engine.cache,
+                                   b, False, model.layers) is None
+    finally:
+        engine.cache.free(seq_ids)
+
+
+def test_whole_step_op_opcheck():
+    from arpg.engine import Engine, generation_plans
+
+    model, _ = _whole_step_models(torch.float32)
+    model.requires_grad_(False)
+    engine = Engine(model, 2)
+    seq_ids, inputs = engine._prepare(generation_plans(model, 2, 3, "arccos", 1.0, "constant", None, None), 2, 16)
+    try:
+        inp, b = inputs[0], inputs[0].batch
+        tokens = model.class_ids(torch.tensor([0, 1]))
+        ls = model.layers
+        weights = [model.embeddings.weight, model.norm.weight, model.head.weight]
+        for layer in ls.self_dec:
+            a, f = layer.attn, layer.ffn
+            weights += [layer.attn_norm.weight, a.to_q.weight, a.to_k.weight, a.to_v.weight, a.proj.weight,
+                        layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight]
+        cross = [ls.norm.weight, ls.to_k.weight, ls.to_v.weight]
+        for layer in ls.cross_dec:
+            a, f = layer.attn, layer.ffn
+            cross += [layer.attn_norm.weight, a.to_q.weight, a.proj.weight, layer.ffn_norm.weight, f.w1.weight,
+                      f.w3.weight, f.w2.weight]
+        ks, vs = zip(*(engine.cache.layer(i) for i in range(model.num_cache_layers)))
+        torch.library.opcheck(
+            torch.ops.arpg_cpu.decode_step.default,
+            (tokens, inp.pos_in, inp.pos_q, model.rope_table("cpu"), weights, cross, list(ks), list(vs), b.slot_mapping,
+             b.block_table, b.kv_lens, b.cu_in, b.cu_q, b.max_in, b.max_q, 2, model.norm.eps, False,
+             model.config.mask_token_id),
+        )
+    finally:
+        engine.cache.free(seq_ids)
+
+
+def test_a_library_without_the_whole_step_op_decodes_op_by_op(monkeypatch):
+    import importlib
+
+    from arpg import generate
+
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda name, key: False if name == f"arpg_cpu::{cpu.WHOLE_STEP_OP}" else real(name, key))
+    try:
+        importlib.reload(cpu)
+        assert cpu.step_ops_available() and not cpu.decode_step_available()
+        model, _ = _whole_step_models(torch.float32)
+        monkeypatch.setattr(cpu, "decode_step", lambda *a: pytest.fail("the whole-step op was called"))
+        generate(model, torch.tensor([0, 1]), num_steps=3, cfg_scale=2.0, seed=1)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cpu)
+    assert cpu.decode_step_available()

@@ -18,13 +18,13 @@ from collections import defaultdict
 import torch
 
 import arpg_kernels as ak
-from arpg_kernels.cpu import STEP_OPS
+from arpg_kernels.cpu import STEP_OPS, WHOLE_STEP_OP
 from arpg import ARPG, RasterLM
 from arpg import model as arpg_model
 from arpg.config import ARPGConfig
 from arpg.eager import eager_generate
 from arpg.engine import Engine
-from arpg.model import step_fusions
+from arpg.model import step_fusions, whole_step
 
 from .common import Budget, Record, fmt, timing
 from .plot import STEP_PARTS
@@ -102,6 +102,14 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 }
                 n_steps = {"arpg-engine": steps, "arpg-engine-unfused": steps, "arpg-eager": steps,
                            "raster-engine": raster_cfg.seq_len}
+                if device.type == "cpu":
+                    def op_by_op():
+                        with whole_step(False):
+                            return engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
+
+                    # The same engine and ops with the step run op by op from Python, not as arpg_cpu::decode_step.
+                    runs["arpg-engine-op-by-op"] = op_by_op
+                    n_steps["arpg-engine-op-by-op"] = steps
                 if triton_engine is not None:
                     def all_triton_run():
                         with all_triton():
@@ -132,6 +140,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     peaks = {
                         "arpg-engine": engine.cache.nbytes / 2**20,
                         "arpg-engine-unfused": engine.cache.nbytes / 2**20,
+                        "arpg-engine-op-by-op": engine.cache.nbytes / 2**20,
                         "arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
                         "raster-engine": raster_engine.cache.nbytes / 2**20,
                     }
@@ -159,6 +168,11 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 ratio_fused = summary["arpg-engine"]["images_per_s"] / summary["arpg-engine-unfused"]["images_per_s"]
                 record.add("generation", "generate", "ratio", cfg, "ratio_fused/unfused", "x", ratio_fused)
                 summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster, fused_vs_unfused=ratio_fused)
+                if "arpg-engine-op-by-op" in summary:
+                    ratio_whole = (summary["arpg-engine"]["images_per_s"]
+                                   / summary["arpg-engine-op-by-op"]["images_per_s"])
+                    record.add("generation", "generate", "ratio", cfg, "ratio_whole-step/op-by-op", "x", ratio_whole)
+                    summary.update(whole_step_vs_op_by_op=ratio_whole)
                 if "arpg-engine-triton" in summary:
                     ratio_triton = summary["arpg-engine-triton"]["images_per_s"] / summary["arpg-engine"]["images_per_s"]
                     record.add("generation", "generate", "ratio", cfg, "ratio_all-triton/auto", "x", ratio_triton)
@@ -170,6 +184,8 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     f"eager {ips['arpg-eager']}, raster {ips['raster-engine']}; "
                     f"engine/eager {fmt(ratio_eager)}x, ARPG/raster {fmt(ratio_raster)}x, fused/unfused step ops "
                     f"{fmt(ratio_fused)}x"
+                    + (f", whole-step/op-by-op {fmt(summary['whole_step_vs_op_by_op'])}x"
+                       if "whole_step_vs_op_by_op" in summary else "")
                 )
                 if progress is not None:
                     progress.update(1)
@@ -188,6 +204,8 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
 
 # The CPU's one-op elementwise chains (arpg_kernels.cpu): model ops, not attention.
 _STEP_OP_EVENTS = {f"arpg_cpu::{op}" for op in STEP_OPS}
+# The CPU's whole-step op: a container, its ops are counted by part and its own time as model_python.
+_WHOLE_STEP_EVENT = f"arpg_cpu::{WHOLE_STEP_OP}"
 
 
 def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
@@ -196,23 +214,30 @@ def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
     attention: the arpg ops (paged_attention, append_kv, with their Python checks and dispatch);
     projections: linear/matmul; other_model_ops: the model's remaining ops (norms, RoPE, MLP activations,
     the CPU's one-op versions of them included); model_python: the model step's time outside any op
-    (Python, dispatch); sampling: guidance and the sampler, all of it; engine_other: the rest of the wall
-    time (the plan, index bookkeeping, Python between steps)."""
+    (Python, dispatch, and the glue of the CPU's whole-step op `arpg_cpu::decode_step`, whose ops count by
+    part); sampling: guidance and the sampler, all of it; engine_other: the rest of the wall time (the plan,
+    index bookkeeping, Python between steps)."""
     us = defaultdict(float)
-    top = [e for e in events if e.cpu_parent is None]
-    for e in top:
+
+    def model_part(e) -> None:
+        """Add the ops under e (the model step, or the CPU's whole-step op inside it) to their parts, and e's
+        own time outside them to model_python."""
+        children = 0.0
+        for c in e.cpu_children:
+            children += c.cpu_time_total
+            if c.name == _WHOLE_STEP_EVENT:
+                model_part(c)
+            elif c.name.startswith("arpg::") or (c.name.startswith("arpg_cpu::") and c.name not in _STEP_OP_EVENTS):
+                us["attention"] += c.cpu_time_total
+            elif c.name in ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"):
+                us["projections"] += c.cpu_time_total
+            else:
+                us["other_model_ops"] += c.cpu_time_total
+        us["model_python"] += e.cpu_time_total - children
+
+    for e in (e for e in events if e.cpu_parent is None):
         if e.name == "arpg.model_step":
-            children = 0.0
-            for c in e.cpu_children:
-                children += c.cpu_time_total
-                if c.name.startswith("arpg::") or (c.name.startswith("arpg_cpu::")
-                                                   and c.name not in _STEP_OP_EVENTS):
-                    us["attention"] += c.cpu_time_total
-                elif c.name in ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"):
-                    us["projections"] += c.cpu_time_total
-                else:
-                    us["other_model_ops"] += c.cpu_time_total
-            us["model_python"] += e.cpu_time_total - children
+            model_part(e)
         elif e.name == "arpg.sample":
             us["sampling"] += e.cpu_time_total
     us["engine_other"] = max(wall_s * 1e6 - sum(us.values()), 0.0)
