@@ -136,52 +136,70 @@ def whole_step(enabled: bool):
         _whole.enabled = prev
 
 
-def _self_weights(layer: "SelfDecoder") -> tuple[torch.Tensor, ...]:
+def _self_modules(layer: "SelfDecoder") -> tuple[nn.Module, ...]:
     a, f = layer.attn, layer.ffn
-    return (layer.attn_norm.weight, a.to_q.weight, a.to_k.weight, a.to_v.weight, a.proj.weight,
-            layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight)
+    return (layer.attn_norm, a.to_q, a.to_k, a.to_v, a.proj, layer.ffn_norm, f.w1, f.w3, f.w2)
 
 
-def _cross_weights(layer: "CrossDecoder") -> tuple[torch.Tensor, ...]:
+def _cross_modules(layer: "CrossDecoder") -> tuple[nn.Module, ...]:
     a, f = layer.attn, layer.ffn
-    return (layer.attn_norm.weight, a.to_q.weight, a.proj.weight, layer.ffn_norm.weight, f.w1.weight, f.w3.weight,
-            f.w2.weight)
+    return (layer.attn_norm, a.to_q, a.proj, layer.ffn_norm, f.w1, f.w3, f.w2)
 
 
-# Every parameter or module (re)registration anywhere bumps this count: `_step_weights` then rebuilds its lists,
-# which otherwise hold the parameters themselves (in-place updates and `.to()` show through them).
+# Every parameter or module registration anywhere bumps this count: `_step_weights` then rebuilds its lists.
 _registrations = [0]
 
 
-def _registered(*args) -> None:
+def _count_registration(*args) -> None:
     _registrations[0] += 1
 
 
-nn.modules.module.register_module_parameter_registration_hook(_registered)
-nn.modules.module.register_module_module_registration_hook(_registered)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
 _STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _step_weights(model, self_layers, two_pass) -> tuple[list, list, list]:
-    """The weight lists of `arpg_cpu::decode_step` and the model's norms, built once per model (a step spent
-    about 70 us on these attribute reads)."""
-    hit = _STEP_WEIGHTS.get(model)
-    if hit is not None and hit[0] == _registrations[0]:
-        return hit[1:]
-    weights = [model.embeddings.weight, model.norm.weight, model.head.weight]
-    norms = [model.norm]
-    for layer in self_layers:
-        weights += _self_weights(layer)
-        norms += (layer.attn_norm, layer.ffn_norm)
-    cross = []
+def _build_step_weights(model, layers, two_pass) -> tuple:
+    count = _registrations[0]  # before reading: a registration meanwhile makes the next step rebuild
+    mods = [model.embeddings, model.norm, model.head]
+    for layer in layers[0]:
+        mods += _self_modules(layer)
+    n_self = len(mods)
     if two_pass is not None:
-        cross = [two_pass.norm.weight, two_pass.to_k.weight, two_pass.to_v.weight]
-        norms.append(two_pass.norm)
-        for layer in two_pass.cross_dec:
-            cross += _cross_weights(layer)
-            norms += (layer.attn_norm, layer.ffn_norm)
-    _STEP_WEIGHTS[model] = (_registrations[0], weights, cross, norms)
-    return weights, cross, norms
+        mods += (two_pass.norm, two_pass.to_k, two_pass.to_v)
+        for layer in layers[1]:
+            mods += _cross_modules(layer)
+    weights = [m.weight for m in mods]
+    return count, layers, mods, weights, n_self, [m for m in mods if isinstance(m, RMSNorm)]
+
+
+def _step_weights(model, self_layers, two_pass) -> Optional[tuple[list, list, list]]:
+    """The weight lists of `arpg_cpu::decode_step` and the model's norms, or None where the op would skip
+    something the modules do (a bias, forward hooks, a module of another type, a max_norm embedding).
+
+    Kept per model (reading some fifty attributes cost a step about 70 us) and rebuilt when any parameter or
+    module is registered, when the layers are not the same objects, or when a module holds another weight:
+    the lists hold the parameters themselves, so in-place updates and `.to()` show through them."""
+    layers = (tuple(self_layers), () if two_pass is None else tuple(two_pass.cross_dec))
+    hit = _STEP_WEIGHTS.get(model)
+    for attempt in range(2):
+        if hit is None or hit[0] != _registrations[0] or hit[1] != layers or attempt:
+            hit = _STEP_WEIGHTS[model] = _build_step_weights(model, layers, two_pass)
+        _, _, mods, weights, n_self, norms = hit
+        if all(m._parameters.get("weight") is w for m, w in zip(mods, weights)):
+            break
+    else:
+        return None  # a weight that is not a parameter of its module (a parametrization, a plain tensor)
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    for m in mods:
+        t = type(m)
+        if t is RMSNorm:
+            continue
+        if ((t is not nn.Linear and t is not nn.Embedding) or m._forward_hooks or m._forward_pre_hooks
+                or m._parameters.get("bias") is not None or (t is nn.Embedding and m.max_norm is not None)):
+            return None
+    return weights[:n_self], weights[n_self:], norms
 
 
 def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, batch: PagedBatch, causal: bool,
@@ -189,9 +207,10 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
     """A whole decoding step as one op, `arpg_cpu::decode_step` (csrc/cpu/decode_step.cpp): the ops of the
     step-op path (`step_ops`, RoPE inside the append) in the same order, called from C++, so the logits are
     the same bit for bit. On a CPU a step's host time is mostly Python between its ops. Returns None where it
-    does not apply (then the caller runs the step op by op): outside `step_ops`' conditions, with
-    `whole_step(False)`, without RoPE inside the append (`FUSED_ROPE_APPEND`), with a library built before
-    the op, or with weights of mixed dtypes or norms of different eps.
+    does not apply (then the caller runs the step op by op): outside `step_ops`' conditions (autograd
+    included: any weight that requires grad while grad is on), with `whole_step(False)`, without RoPE inside
+    the append (`FUSED_ROPE_APPEND`), with a library built before the op, with weights of mixed dtypes or
+    norms of different eps, or with modules that do more than the plain layers (`_step_weights`).
 
     model: ARPG or RasterLM (embeddings, norm, head); self_layers: its SelfDecoders; two_pass: ARPG's
     TwoPassDecoder (shared K/V and cross layers; None: the raster model, whose logits are those of the fed
@@ -202,10 +221,15 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
     if (ops is None or not getattr(_whole, "enabled", True) or not ops.decode_step_available()
             or "cpu" not in FUSED_ROPE_APPEND or not fusions_enabled()):
         return None
-    weights, cross, norms = _step_weights(model, self_layers, two_pass)
+    found = _step_weights(model, self_layers, two_pass)
+    if found is None:
+        return None
+    weights, cross, norms = found
     eps, dtype = model.norm.eps, emb.dtype
     if any(n.eps != eps for n in norms) or any(w.dtype is not dtype for w in weights) or any(
             w.dtype is not dtype for w in cross):
+        return None
+    if torch.is_grad_enabled() and any(w.requires_grad for w in (*weights, *cross)):
         return None
     n_caches = len(self_layers) + (two_pass is not None)
     k_caches, v_caches = zip(*(cache.layer(i) for i in range(n_caches)))

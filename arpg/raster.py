@@ -88,7 +88,8 @@ class RasterLM(nn.Module):
 
         pos_q is unused (the next position is implied by the order)."""
         table = self.rope_table(tokens.device)
-        logits = cpu_decode_step(self, self.layers, tokens, pos_in, pos_q, table, cache, batch, True)
+        logits = cpu_decode_step(self, self.layers, tokens, pos_in, pos_in if pos_q is None else pos_q, table, cache,
+                                 batch, True)
         if logits is not None:
             return logits
         rope = table[pos_in]

@@ -460,35 +460,125 @@ def test_whole_step_op_only_where_it_applies(monkeypatch):
     assert len(calls) == 3
 
 
-def test_whole_step_op_sees_replaced_and_updated_weights():
-    """The op's weight lists are kept per model: a parameter or layer set anew, a weight changed in place and a
-    dtype conversion all show in the next step."""
+def test_whole_step_op_sees_replaced_and_updated_weights(monkeypatch):
+    """The op's weight lists are kept per model: a parameter or layer set anew (also behind the registration
+    hooks' back), layers reordered, a weight changed in place and a dtype conversion all show in the next step."""
     from arpg import generate
     from arpg.model import CrossDecoder, whole_step
 
+    calls = []
+    real = cpu.decode_step
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(1) or real(*a))
     model, _ = _whole_step_models(torch.float32)
     labels = torch.tensor([0, 3])
 
     def both():
+        calls.clear()
         got = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1, return_logits=True)
+        assert len(calls) == 3  # the op ran every step
         with whole_step(False):
             want = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1, return_logits=True)
         assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
-        return got[1]
+        return got[1][0]
 
-    first = both()
+    seen = [both()]
     model.head.weight = torch.nn.Parameter(torch.randn_like(model.head.weight))
-    second = both()
-    assert not torch.equal(first[0], second[0])
+    seen.append(both())
     with torch.no_grad():
         model.layers.self_dec[0].attn.to_v.weight.mul_(2.0)
-    third = both()
-    assert not torch.equal(second[0], third[0])
+    seen.append(both())
     torch.manual_seed(1)
     model.layers.cross_dec[1] = CrossDecoder(model.config).eval()
-    assert not torch.equal(third[0], both()[0])
+    seen.append(both())
+    w2 = model.layers.self_dec[1].ffn.w2
+    w2._parameters["weight"] = torch.nn.Parameter(torch.randn_like(w2.weight) * 0.1)
+    seen.append(both())
+    model.layers.self_dec.insert(0, model.layers.self_dec.pop(1))  # ModuleList edits skip the hooks
+    seen.append(both())
+    assert all(not torch.equal(x, y) for x, y in zip(seen, seen[1:]))
     model.to(torch.bfloat16)
-    assert both()[0].dtype == torch.float32
+    assert both().dtype == torch.float32
+
+
+def test_whole_step_op_leaves_what_it_would_skip_to_the_modules(monkeypatch):
+    """A bias, a forward hook (a module's or a global one), a parametrized weight or weights that need a
+    gradient: the step runs op by op (and the hook fires); the logits are those of the modules."""
+    from arpg import generate
+    from arpg.engine import Engine
+    from arpg.model import cpu_decode_step
+
+    calls = []
+    real = cpu.decode_step
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(1) or real(*a))
+    model, _ = _whole_step_models(torch.float32)
+    labels = torch.tensor([0, 3])
+    generate(model, labels, num_steps=3, seed=1)
+    assert len(calls) == 3
+    calls.clear()
+    fired = []
+    proj = model.layers.cross_dec[0].attn.proj
+    handle = proj.register_forward_hook(lambda m, i, o: fired.append(1))
+    generate(model, labels, num_steps=3, seed=1)
+    handle.remove()
+    assert fired and calls == []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: fired.append(2))
+    generate(model, labels, num_steps=3, seed=1)
+    handle.remove()
+    assert 2 in fired and calls == []
+    torch.nn.utils.parametrize.register_parametrization(proj, "weight", torch.nn.Identity())
+    generate(model, labels, num_steps=3, seed=1)
+    torch.nn.utils.parametrize.remove_parametrizations(proj, "weight")
+    assert calls == []
+    proj.bias = torch.nn.Parameter(torch.ones(64))
+    with_bias = generate(model, labels, num_steps=3, seed=1, return_logits=True)[1]
+    assert calls == []
+    proj.bias = None
+    without = generate(model, labels, num_steps=3, seed=1, return_logits=True)[1]
+    assert len(calls) == 3 and not torch.equal(with_bias[0], without[0])
+    # Under autograd with only some weights trainable, the step keeps its graph.
+    engine = Engine(model, 2)
+    from arpg.engine import generation_plans
+
+    seq_ids, inputs = engine._prepare(generation_plans(model, 2, 3, "arccos", 1.0, "constant", None, None), 2, 16)
+    try:
+        inp = inputs[0]
+        model.embeddings.weight.requires_grad_(False)
+        with torch.enable_grad():
+            assert cpu_decode_step(model, model.layers.self_dec, model.class_ids(torch.tensor([0, 1])), inp.pos_in,
+                                   inp.pos_q, model.rope_table("cpu"), engine.cache, inp.batch, False,
+                                   model.layers) is None
+    finally:
+        engine.cache.free(seq_ids)
+
+
+def test_whole_step_op_on_a_larger_grid_and_with_no_queries():
+    """Resolution expansion (RoPE positions of a larger grid) matches the op-by-op step; a step with no query
+    rows gives no logits."""
+    from arpg.edit import expand
+    from arpg.engine import Engine, generation_plans
+    from arpg.model import cpu_decode_step, whole_step
+
+    model, _ = _whole_step_models(torch.float32)
+    got = expand(model, torch.tensor([1, 2]), (5, 6), num_steps=4, cfg_scale=2.0, seed=[3, 4])
+    with whole_step(False):
+        assert torch.equal(got, expand(model, torch.tensor([1, 2]), (5, 6), num_steps=4, cfg_scale=2.0, seed=[3, 4]))
+    engine = Engine(model, 2)
+    seq_ids, inputs = engine._prepare(generation_plans(model, 2, 3, "arccos", 1.0, "constant", None, None), 2, 16)
+    try:
+        inp, b = inputs[0], inputs[0].batch
+        none = PagedBatch_like(b, cu_q=torch.zeros_like(b.cu_q), max_q=0)
+        with torch.inference_mode():
+            out = cpu_decode_step(model, model.layers.self_dec, model.class_ids(torch.tensor([0, 1])), inp.pos_in,
+                                  inp.pos_q[:0], model.rope_table("cpu"), engine.cache, none, False, model.layers)
+        assert out.shape == (0, model.config.vocab_size)
+    finally:
+        engine.cache.free(seq_ids)
+
+
+def PagedBatch_like(b, **changes):
+    import dataclasses
+
+    return dataclasses.replace(b, **changes)
 
 
 def test_whole_step_op_refuses_bad_input():
@@ -505,14 +595,25 @@ def test_whole_step_op_refuses_bad_input():
         b = inp.batch
         table = model.rope_table("cpu")
         with torch.inference_mode():
+            def step(batch, pos_in=inp.pos_in, pos_q=inp.pos_q):
+                return cpu_decode_step(model, model.layers.self_dec, tokens, pos_in, pos_q, table, engine.cache, batch,
+                                       False, model.layers)
+
             bad = PagedBatch(b.slot_mapping, b.block_table, b.kv_lens, b.cu_in.long(), b.cu_q, b.max_in, b.max_q)
             with pytest.raises(ValueError, match="cu_q_lens"):
-                model.decode_step(tokens, inp.pos_in, inp.pos_q, engine.cache, bad)
+                step(bad)
+            bad = PagedBatch(b.slot_mapping, b.block_table, b.kv_lens, b.cu_in, b.cu_q[:-1], b.max_in, b.max_q)
+            with pytest.raises(ValueError, match="cu_q_lens"):
+                step(bad)
             bad = PagedBatch(b.slot_mapping.int(), b.block_table, b.kv_lens, b.cu_in, b.cu_q, b.max_in, b.max_q)
             with pytest.raises(ValueError, match="slot_mapping"):
-                model.decode_step(tokens, inp.pos_in, inp.pos_q, engine.cache, bad)
+                step(bad)
+            before = engine.cache.k_pool.clone()
             with pytest.raises(IndexError):
-                model.decode_step(tokens, inp.pos_in + 1000, inp.pos_q, engine.cache, b)
+                step(b, pos_in=inp.pos_in + 1000)
+            with pytest.raises(IndexError):  # looked up before any append: the cache is untouched
+                step(b, pos_q=inp.pos_q + 1000)
+            assert torch.equal(engine.cache.k_pool, before)
             with pytest.raises(RuntimeError, match="weights must be the embedding"):
                 cpu.decode_step(tokens, inp.pos_in, inp.pos_q, table, [model.embeddings.weight], [],
                                 [engine.cache.layer(0)[0]], [engine.cache.layer(0)[1]], b, 2, 1e-5, False, 0)

@@ -73,9 +73,7 @@ Tensor PerRow(Fn&& fn, const Tensor& x) {
 
 // The tensors of one step's attention: the metadata of the rows (fed tokens or queries) and the caches.
 struct Attend {
-  const Tensor& block_table;
-  const Tensor& kv_lens;
-  const Tensor& cu;
+  Tensor block_table, kv_lens, cu;
   int64_t max_len;
   bool causal;
 };
@@ -101,7 +99,7 @@ Tensor SelfLayer(const Tensor& x, const Tensor* w, const Tensor& rope, const Ten
   AppendKvRope(d.Heads(at::linear(xn, w[2])), d.Heads(at::linear(xn, w[3])), k_cache, v_cache, slots, rope);
   const Tensor o = PagedAttention(q, k_cache, v_cache, at_.block_table, at_.kv_lens, at_.cu, at_.max_len, at_.causal,
                                   d.scale);
-  return FfnBranch(x, at::linear(o.view({o.size(0), -1}), w[4]), w + 5, d);
+  return FfnBranch(x, at::linear(o.view({o.size(0), d.heads * d.head_dim}), w[4]), w + 5, d);
 }
 
 // CrossDecoder.forward_paged: w = attn_norm, to_q, proj, ffn_norm, w1, w3, w2.
@@ -111,7 +109,7 @@ Tensor CrossLayer(const Tensor& x, const Tensor* w, const Tensor& rope, const Te
   const Tensor q = Rope(d.Heads(PerRow([&](const Tensor& r) { return at::linear(r, w[1]); }, xn)), rope);
   const Tensor o = PagedAttention(q, k_cache, v_cache, at_.block_table, at_.kv_lens, at_.cu, at_.max_len, false,
                                   d.scale);
-  return FfnBranch(x, at::linear(o.view({o.size(0), -1}), w[2]), w + 3, d);
+  return FfnBranch(x, at::linear(o.view({o.size(0), d.heads * d.head_dim}), w[2]), w + 3, d);
 }
 
 constexpr int64_t kSelfWeights = 9, kCrossWeights = 7, kHeadWeights = 3, kSharedWeights = 3;
@@ -156,7 +154,9 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
   const int64_t head_dim = embedding.size(1) / n_head;
   const Dims d{n_head, head_dim, eps, std::pow(static_cast<double>(head_dim), -0.5)};
   const Tensor table = rope_table.contiguous();
+  // Both lookups before any append: a position outside the table then changes nothing.
   const Tensor rope_in = at::index_select(table, 0, pos_in);
+  const Tensor rope_q = arpg ? at::index_select(table, 0, pos_q) : Tensor();
   const Tensor bt = block_table.contiguous(), lens = kv_lens.contiguous(), slots = slot_mapping.contiguous();
   const Attend self_attend{bt, lens, cu_in.contiguous(), max_in, causal};
 
@@ -171,7 +171,6 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
     const Tensor& v_cache = v_caches[n_self];
     AppendKvRope(d.Heads(at::linear(xn, cross_weights[1])), d.Heads(at::linear(xn, cross_weights[2])), k_cache,
                  v_cache, slots, rope_in);
-    const Tensor rope_q = at::index_select(table, 0, pos_q);
     const Attend cross_attend{bt, lens, cu_q.contiguous(), max_q, false};
     x = embedding.select(0, mask_token_id).expand({pos_q.size(0), embedding.size(1)});
     for (int64_t i = 0; i < n_cross; ++i) {
