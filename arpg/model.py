@@ -82,18 +82,24 @@ def _complex_view(t: torch.Tensor) -> torch.Tensor:
 # generation part's arpg-engine-unfused provider). CUDA joins when a GPU run has measured it there.
 FUSED_ROPE_APPEND = {"cpu"}
 _fusions = threading.local()
+_whole = threading.local()
 
 
 @contextlib.contextmanager
-def step_fusions(enabled: bool):
-    """Turn the decoding step's fused ops (RoPE inside the append, the one-op sampler) on or off in this
-    thread until the block ends: off runs the same step as separate torch ops (benchmarks, debugging)."""
-    prev = getattr(_fusions, "enabled", True)
-    _fusions.enabled = bool(enabled)
+def _thread_switch(switch: threading.local, enabled: bool):
+    """Set a per-thread on/off switch (on by default) until the block ends."""
+    prev = getattr(switch, "enabled", True)
+    switch.enabled = bool(enabled)
     try:
         yield
     finally:
-        _fusions.enabled = prev
+        switch.enabled = prev
+
+
+def step_fusions(enabled: bool):
+    """Turn the decoding step's fused ops (RoPE inside the append, the one-op sampler) on or off in this
+    thread until the block ends: off runs the same step as separate torch ops (benchmarks, debugging)."""
+    return _thread_switch(_fusions, enabled)
 
 
 def fusions_enabled() -> bool:
@@ -121,19 +127,10 @@ def step_ops(x: torch.Tensor, weight: torch.Tensor):
     return _cpu_step_ops or None
 
 
-_whole = threading.local()
-
-
-@contextlib.contextmanager
 def whole_step(enabled: bool):
     """Turn the CPU's whole-step op (`arpg_cpu::decode_step`, see `cpu_decode_step`) on or off in this thread
     until the block ends: off runs the step op by op from Python (benchmarks, debugging), the same ops."""
-    prev = getattr(_whole, "enabled", True)
-    _whole.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _whole.enabled = prev
+    return _thread_switch(_whole, enabled)
 
 
 def _self_modules(layer: "SelfDecoder") -> tuple[nn.Module, ...]:

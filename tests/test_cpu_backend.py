@@ -3,6 +3,8 @@ backend's kernel test draws (tests/kv_cases.py), and its place in the dispatch."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -566,19 +568,13 @@ def test_whole_step_op_on_a_larger_grid_and_with_no_queries():
     seq_ids, inputs = engine._prepare(generation_plans(model, 2, 3, "arccos", 1.0, "constant", None, None), 2, 16)
     try:
         inp, b = inputs[0], inputs[0].batch
-        none = PagedBatch_like(b, cu_q=torch.zeros_like(b.cu_q), max_q=0)
+        none = dataclasses.replace(b, cu_q=torch.zeros_like(b.cu_q), max_q=0)  # no sequence sends a query
         with torch.inference_mode():
             out = cpu_decode_step(model, model.layers.self_dec, model.class_ids(torch.tensor([0, 1])), inp.pos_in,
                                   inp.pos_q[:0], model.rope_table("cpu"), engine.cache, none, False, model.layers)
         assert out.shape == (0, model.config.vocab_size)
     finally:
         engine.cache.free(seq_ids)
-
-
-def PagedBatch_like(b, **changes):
-    import dataclasses
-
-    return dataclasses.replace(b, **changes)
 
 
 def test_whole_step_op_refuses_bad_input():
