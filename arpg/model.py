@@ -216,17 +216,15 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
     emb = model.embeddings.weight
     ops = step_ops(emb, emb)
     if (ops is None or not getattr(_whole, "enabled", True) or not ops.decode_step_available()
-            or "cpu" not in FUSED_ROPE_APPEND or not fusions_enabled()):
+            or "cpu" not in FUSED_ROPE_APPEND):  # step_ops is None with the fusions off
         return None
     found = _step_weights(model, self_layers, two_pass)
     if found is None:
         return None
     weights, cross, norms = found
-    eps, dtype = model.norm.eps, emb.dtype
-    if any(n.eps != eps for n in norms) or any(w.dtype is not dtype for w in weights) or any(
-            w.dtype is not dtype for w in cross):
-        return None
-    if torch.is_grad_enabled() and any(w.requires_grad for w in (*weights, *cross)):
+    eps, dtype, every = model.norm.eps, emb.dtype, (*weights, *cross)
+    if (any(n.eps != eps for n in norms) or any(w.dtype is not dtype for w in every)
+            or (torch.is_grad_enabled() and any(w.requires_grad for w in every))):
         return None
     n_caches = len(self_layers) + (two_pass is not None)
     k_caches, v_caches = zip(*(cache.layer(i) for i in range(n_caches)))

@@ -143,13 +143,11 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
   const Tensor& embedding = weights[0];
   TORCH_CHECK(embedding.dim() == 2 && n_head > 0 && embedding.size(1) % n_head == 0,
               "arpg_cpu::decode_step: the embedding must be [num_embeddings, dim] with dim a multiple of n_head");
-  for (const Tensor& w : weights) {
-    TORCH_CHECK(w.scalar_type() == embedding.scalar_type(), "arpg_cpu::decode_step: every weight must be in the "
-                "embedding's dtype ", embedding.scalar_type(), ", got ", w.scalar_type());
-  }
-  for (const Tensor& w : cross_weights) {
-    TORCH_CHECK(w.scalar_type() == embedding.scalar_type(), "arpg_cpu::decode_step: every weight must be in the "
-                "embedding's dtype ", embedding.scalar_type(), ", got ", w.scalar_type());
+  for (const at::TensorList list : {weights, cross_weights}) {
+    for (const Tensor& w : list) {
+      TORCH_CHECK(w.scalar_type() == embedding.scalar_type(), "arpg_cpu::decode_step: every weight must be in the "
+                  "embedding's dtype ", embedding.scalar_type(), ", got ", w.scalar_type());
+    }
   }
   const int64_t head_dim = embedding.size(1) / n_head;
   const Dims d{n_head, head_dim, eps, std::pow(static_cast<double>(head_dim), -0.5)};
