@@ -46,6 +46,20 @@ def test_threads_give_the_same_result(threads):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # work items never share a row
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_scratch_reused_across_paths(dtype, poison_empty):
+    # One thread runs every work item on one scratch, costliest first: the many-row (AVX-512) items, then
+    # the few-row ones, each ending in a partial tile next to NaN slots. The scratch is not cleared between
+    # items, so an item must never read what the one before it left there.
+    case = Case((12, 9, 3, 1, 2), (45, 37, 29, 20, 7), h=2, hkv=2, d=64, dtype=dtype)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        check_paged_kernel(cpu.paged_attention, case, device="cpu")
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_auto_and_cpu_backends_route_here(monkeypatch):
     case = Case((2, 1), (20, 9), causal=True)
     q, kc, vc, bt, kvl, cu = make_inputs(case, device="cpu")

@@ -83,7 +83,12 @@ ARPG_CPU_INLINE Vec8 Load8(const float* p) {
   return v;
 }
 ARPG_CPU_INLINE void Store8(float* p, Vec8 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-ARPG_CPU_INLINE Vec8 Splat8(float x) { return Vec8{x, x, x, x, x, x, x, x}; }
+// A broadcast: GCC builds Vec8{x, x, ...} lane by lane (eight inserts) where registers run short, a shuffle
+// compiles to one vbroadcastss.
+ARPG_CPU_INLINE Vec8 Splat8(float x) {
+  const Vec8 v = {x};
+  return ARPG_SHUFFLE(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 ARPG_CPU_INLINE Vec8 Select8(Int8 mask, Vec8 a, Vec8 b) {  // mask lanes are -1 or 0
   return reinterpret_cast<Vec8>((reinterpret_cast<Int8>(a) & mask) | (reinterpret_cast<Int8>(b) & ~mask));
 }
@@ -249,8 +254,17 @@ ARPG_CPU_INLINE void PagedAttentionBlockImpl(const PagedAttentionArgs<T>& a, int
   w.m.assign(rows, neg_inf);
   w.l.assign(static_cast<size_t>(rows) * 8, 0.0f);  // per row, eight partial sums: reduced once at the end
   w.corr.resize(rows);
-  w.k.assign(static_cast<size_t>(kKeyTile) * dv, 0.0f);
-  w.v.assign(static_cast<size_t>(kKeyTile) * dv, 0.0f);
+  // fp32 pages whose head dim needs no padding and whose size is a multiple of the tile are read in place:
+  // a full tile then lies in one page, kKeyTile rows at the cache's token stride. Other tiles are gathered
+  // (converted, zero-padded; the last one zero-filled past the span, where a page may hold stale values).
+  const bool in_place = std::is_same<T, float>::value && dv == dim && ps % kKeyTile == 0;
+  if (in_place) {  // only a last, partial tile is gathered, and it writes or zero-fills every row it uses
+    w.k.resize(static_cast<size_t>(kKeyTile) * dv);
+    w.v.resize(static_cast<size_t>(kKeyTile) * dv);
+  } else {  // gathered rows leave their padding past the head dim as it is: zero
+    w.k.assign(static_cast<size_t>(kKeyTile) * dv, 0.0f);
+    w.v.assign(static_cast<size_t>(kKeyTile) * dv, 0.0f);
+  }
   w.s.resize(static_cast<size_t>(rows) * kKeyTile);
   for (int r = 0; r < rows; ++r) {
     ToFloat(a.q + (q0 + q_begin + r / group) * a.q_stride_token + (kv_head * group + r % group) * a.q_stride_head,
@@ -277,10 +291,6 @@ ARPG_CPU_INLINE void PagedAttentionBlockImpl(const PagedAttentionArgs<T>& a, int
     }
   };
   prefetch(0);
-  // fp32 pages whose head dim needs no padding and whose size is a multiple of the tile are read in place:
-  // a full tile then lies in one page, kKeyTile rows at the cache's token stride. Other tiles are gathered
-  // (converted, zero-padded; the last one zero-filled past the span, where a page may hold stale values).
-  const bool in_place = std::is_same<T, float>::value && dv == dim && ps % kKeyTile == 0;
   for (int start = 0; start < span; start += kKeyTile) {
     const int nk = std::min(kKeyTile, span - start);
     if (start + kKeyTile < span) prefetch(start + kKeyTile);
@@ -594,8 +604,11 @@ ARPG_AVX512_INLINE void PagedAttentionBlockAvx512Impl(const PagedAttentionArgs<T
   w.corr.resize(rows);
   // k: the transposed tile [dw][kWideTile], then (16-bit storage) the keys converted [kWideTile][dw], then a
   // zero row; v: (16-bit storage) the values converted [kWideTile][dw].
-  w.k.assign(static_cast<size_t>(dw) * kWideTile * 2 + dw, 0.0f);
-  w.v.assign(std::is_same<T, float>::value ? 0 : static_cast<size_t>(kWideTile) * dw, 0.0f);
+  // Not cleared per work item (a tile reads only what it wrote: the transposes and conversions write the
+  // rows they read back, loads past the head dim are masked), except the zero row.
+  w.k.resize(static_cast<size_t>(dw) * kWideTile * 2 + dw);
+  std::fill(w.k.end() - dw, w.k.end(), 0.0f);
+  w.v.resize(std::is_same<T, float>::value ? 0 : static_cast<size_t>(kWideTile) * dw);
   w.s.resize(static_cast<size_t>(rows) * kWideTile);
   for (int r = 0; r < rows; ++r) {
     const T* src = a.q + (q0 + q_begin + r / group) * a.q_stride_token + (kv_head * group + r % group) * a.q_stride_head;
