@@ -24,7 +24,7 @@ from torch.profiler import record_function
 
 import arpg_kernels as ak
 
-from .model import PagedBatch
+from .model import GUIDED_HEAD, PagedBatch, guided_head_enabled
 from .sampling import cfg_scales, draw_uniforms, make_generators, sample, token_schedule
 
 __all__ = [
@@ -461,13 +461,18 @@ class Engine:
             done += sum(q_counts)
         return seq_ids, inputs
 
-    def _run(self, tokens: torch.Tensor, inp: _StepInputs, rows: int, grid) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, inp: _StepInputs, rows: int, grid, guided: bool = False) -> torch.Tensor:
+        """The step's logits; guided: the guided logits of the conditional queries (`arpg.model.head_logits`),
+        never from a CUDA graph (`_guided`)."""
         b = inp.batch
         kwargs = {} if grid is None else {"grid": grid}
         if inp.causal:
             kwargs["causal"] = True
+        if guided:
+            kwargs["guidance"] = inp.cfg
         if not (self.use_cuda_graphs and inp.uniform):
             return self.model.decode_step(tokens, inp.pos_in, inp.pos_q, self.cache, b, **kwargs)
+        assert not guided, "a CUDA graph step takes no guidance"  # _guided keeps CUDA out of GUIDED_HEAD
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         key = (grid, rows, b.max_in, b.max_q, inp.causal)
@@ -552,6 +557,7 @@ class Engine:
             return (buf[rows:].view(bsz, seq_len), []) if return_logits else buf[rows:].view(bsz, seq_len)
 
         seq_ids, inputs = self._prepare([list(p) for p in plans], rows, seq_len)
+        guided = use_cfg and self._guided() and not return_logits and teacher_tokens is None
         all_logits = []
         # Named regions for torch.profiler (arpg-bench's step breakdown), entered only while it records.
         region = record_function if torch.autograd._profiler_enabled() else lambda name: contextlib.nullcontext()
@@ -559,12 +565,14 @@ class Engine:
             with ak.value_checks(False):
                 for inp in inputs:
                     with region("arpg.model_step"):
-                        logits = self._run(buf.index_select(0, inp.in_index), inp, rows, grid)
+                        logits = self._run(buf.index_select(0, inp.in_index), inp, rows, grid, guided)
                     if return_logits:
                         all_logits.append(logits.clone())
                     with region("arpg.sample"):
                         if teacher_tokens is not None:
                             sampled = teacher_tokens.index_select(0, inp.out_index)
+                        elif guided:
+                            sampled = _sample(logits, inp.q_counts, temperature, top_k, top_p, generator)
                         elif use_cfg:
                             cond, uncond = logits.chunk(2)
                             sampled = _sample(cond, inp.q_counts, temperature, top_k, top_p, generator, uncond,
@@ -576,6 +584,10 @@ class Engine:
             self.cache.free(seq_ids)
         out = buf[rows:].view(bsz, seq_len)
         return (out, all_logits) if return_logits else out
+
+    def _guided(self) -> bool:
+        """Whether guided steps mix the guidance before the head (`arpg.model.GUIDED_HEAD`, `guided_head`)."""
+        return self.device.type in GUIDED_HEAD and not self.use_cuda_graphs and guided_head_enabled()
 
     def generate(
         self,

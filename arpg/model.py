@@ -81,8 +81,13 @@ def _complex_view(t: torch.Tensor) -> torch.Tensor:
 # RoPE then `ak.append_kv`: where arpg-bench measured it no slower (the CPU: fewer ops a step; the
 # generation part's arpg-engine-unfused provider). CUDA joins when a GPU run has measured it there.
 FUSED_ROPE_APPEND = {"cpu"}
+# Devices where the engine guides before the head (`head_logits` with guidance): where arpg-bench measured it
+# faster (the CPU: the generation part's arpg-engine-logit-guidance provider). CUDA joins when a GPU run has
+# measured it there, and with its CUDA graphs taking the guidance as a static input.
+GUIDED_HEAD = {"cpu"}
 _fusions = threading.local()
 _whole = threading.local()
+_guided_switch = threading.local()
 
 
 @contextlib.contextmanager
@@ -131,6 +136,17 @@ def whole_step(enabled: bool):
     """Turn the CPU's whole-step op (`arpg_cpu::decode_step`, see `cpu_decode_step`) on or off in this thread
     until the block ends: off runs the step op by op from Python (benchmarks, debugging), the same ops."""
     return _thread_switch(_whole, enabled)
+
+
+def guided_head(enabled: bool):
+    """Turn guidance before the head (`head_logits`, on the devices of `GUIDED_HEAD`) on or off in this thread
+    until the block ends: off, the engine guides the logits of both rows, the original's order (benchmarks,
+    debugging)."""
+    return _thread_switch(_guided_switch, enabled)
+
+
+def guided_head_enabled() -> bool:
+    return getattr(_guided_switch, "enabled", True)
 
 
 def _self_modules(layer: "SelfDecoder") -> tuple[nn.Module, ...]:
@@ -200,7 +216,8 @@ def _step_weights(model, self_layers, two_pass) -> Optional[tuple[list, list, li
 
 
 def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, batch: PagedBatch, causal: bool,
-                    two_pass: Optional["TwoPassDecoder"] = None) -> Optional[torch.Tensor]:
+                    two_pass: Optional["TwoPassDecoder"] = None,
+                    guidance: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """A whole decoding step as one op, `arpg_cpu::decode_step` (csrc/cpu/decode_step.cpp): the ops of the
     step-op path (`step_ops`, RoPE inside the append) in the same order, called from C++, so the logits are
     the same bit for bit. On a CPU a step's host time is mostly Python between its ops. Returns None where it
@@ -211,11 +228,12 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
 
     model: ARPG or RasterLM (embeddings, norm, head); self_layers: its SelfDecoders; two_pass: ARPG's
     TwoPassDecoder (shared K/V and cross layers; None: the raster model, whose logits are those of the fed
-    tokens); table: the RoPE table that pos_in and pos_q index.
+    tokens); table: the RoPE table that pos_in and pos_q index; guidance: as `head_logits` (checked by the
+    caller), which the op follows.
     """
     emb = model.embeddings.weight
     ops = step_ops(emb, emb)
-    if (ops is None or not getattr(_whole, "enabled", True) or not ops.decode_step_available()
+    if (ops is None or not getattr(_whole, "enabled", True) or not ops.decode_step_available(guidance is not None)
             or "cpu" not in FUSED_ROPE_APPEND):  # step_ops is None with the fusions off
         return None
     found = _step_weights(model, self_layers, two_pass)
@@ -239,7 +257,36 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
         ak.checks.check_paged_attention(rows_q, k_caches[-1], v_caches[-1], batch.block_table, batch.kv_lens,
                                         batch.cu_q, batch.max_q, False, None, False)
     return ops.decode_step(tokens, pos_in, pos_q, table, weights, cross, list(k_caches), list(v_caches), batch,
-                           c.n_head, eps, causal, c.mask_token_id)
+                           c.n_head, eps, causal, c.mask_token_id, guidance)
+
+
+def check_guidance(guidance: Optional[torch.Tensor], rows: int) -> None:
+    """Refuse a guidance that `head_logits` could not use for `rows` rows of logits, before anything runs."""
+    if guidance is None:
+        return
+    if (rows % 2 or not isinstance(guidance, torch.Tensor) or guidance.dtype != torch.float32
+            or tuple(guidance.shape) != (rows // 2, 1)):
+        got = f"{guidance.dtype} {tuple(guidance.shape)}" if isinstance(guidance, torch.Tensor) else type(guidance)
+        raise ValueError(f"guidance must be float32 [rows / 2, 1] for an even number of rows of logits ({rows} "
+                         f"rows: conditional, then their unconditional partners), got {got}")
+
+
+def head_logits(head: nn.Linear, h: torch.Tensor, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float32 logits [R, V] of the normalized rows h [R, dim].
+
+    With guidance (float32 [R / 2, 1], `check_guidance`) the first R / 2 rows are conditional and the rest their
+    unconditional partners, and the result is the guided logits [R / 2, V]: the rows mixed in float before the
+    head, `head(u + (c - u) * scale)` (`arpg.sampling.guide`'s expression), cast back to h's dtype. The head is
+    linear without a bias, so these are the original's guided logits `u' + (c' - u') * scale`, rounded
+    otherwise (float32: within a few ulp of the logits), at half the head's work and with no second row of
+    logits for the sampler to read.
+    """
+    if guidance is not None:
+        from .sampling import guide  # sampling imports this module
+
+        c, u = h.float().chunk(2)
+        h = guide(c, u, guidance).to(h.dtype)
+    return head(h).float()
 
 
 def _per_row(fn, x: torch.Tensor) -> torch.Tensor:
@@ -600,6 +647,7 @@ class ARPG(nn.Module):
         batch: PagedBatch,
         grid: Optional[tuple[int, int]] = None,
         causal: bool = False,
+        guidance: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """One decoding step on packed rows.
 
@@ -609,11 +657,14 @@ class ARPG(nn.Module):
         with `num_cache_layers` layers. grid: the (H, W) token grid whose RoPE positions pos_in and
         pos_q index (default the model's). causal: a row's fed tokens attend each other causally, in the
         order given, as in training (an edit's first step, which feeds the known tokens); else with no
-        mask, as the original feeds each step's sampled tokens. Returns float32 logits [T_q, V].
+        mask, as the original feeds each step's sampled tokens. guidance: float32 [T_q / 2, 1], the scales of
+        the conditional queries (the first half; the second half their unconditional partners), to return
+        the guided logits [T_q / 2, V] (`head_logits`). Returns float32 logits [T_q, V].
         """
+        check_guidance(guidance, pos_q.shape[0])
         rope = self.rope_table(tokens.device, grid)
         logits = cpu_decode_step(self, self.layers.self_dec, tokens, pos_in, pos_q, rope, cache, batch, causal,
-                                 self.layers)
+                                 self.layers, guidance)
         if logits is not None:
             return logits
         rope_in, rope_q = rope[pos_in], rope[pos_q]
@@ -627,4 +678,4 @@ class ARPG(nn.Module):
         q = self.mask_queries(pos_q.shape[0])
         for layer in self.layers.cross_dec:
             q = layer.forward_paged(q, rope_q, k_cache, v_cache, batch)
-        return self.head(_norm(self.norm, q, ops)).float()
+        return head_logits(self.head, _norm(self.norm, q, ops), guidance)

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RASTER_CONFIGS, ARPGConfig, get_config
-from .model import PagedBatch, RMSNorm, SelfDecoder, _norm, cpu_decode_step, precompute_rope_2d, step_ops
+from .model import (PagedBatch, RMSNorm, SelfDecoder, _norm, check_guidance, cpu_decode_step, head_logits,
+                    precompute_rope_2d, step_ops)
 
 __all__ = ["RasterLM", "RASTER_CONFIGS"]
 
@@ -83,17 +84,21 @@ class RasterLM(nn.Module):
         logits = self.head(self.norm(x)).float()
         return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
-    def decode_step(self, tokens, pos_in, pos_q, cache, batch: PagedBatch) -> torch.Tensor:
-        """tokens, pos_in: [T] (one per sequence) -> float32 logits [T, V] for the next token.
+    def decode_step(self, tokens, pos_in, pos_q, cache, batch: PagedBatch,
+                    guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens, pos_in: [T] (one per sequence) -> float32 logits [T, V] for the next token; with guidance
+        (float32 [T / 2, 1]: conditional rows, then their unconditional partners) the guided logits [T / 2, V]
+        (`arpg.model.head_logits`).
 
         pos_q is unused (the next position is implied by the order)."""
+        check_guidance(guidance, tokens.shape[0])
         table = self.rope_table(tokens.device)
         logits = cpu_decode_step(self, self.layers, tokens, pos_in, pos_in if pos_q is None else pos_q, table, cache,
-                                 batch, True)
+                                 batch, True, guidance=guidance)
         if logits is not None:
             return logits
         rope = table[pos_in]
         x = self.embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer.forward_paged(x, rope, *cache.layer(i), batch, causal=True)
-        return self.head(_norm(self.norm, x, step_ops(x, self.norm.weight))).float()
+        return head_logits(self.head, _norm(self.norm, x, step_ops(x, self.norm.weight)), guidance)

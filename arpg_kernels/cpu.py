@@ -71,10 +71,15 @@ _load_error = _load()
 # chains as torch ops.
 _step_ops = _load_error is None and _registered(STEP_OPS)
 _whole_step = _step_ops and _registered((WHOLE_STEP_OP,))
+# A library built before the whole-step op took `guidance` serves steps without it.
+_guided_step = _whole_step and any(
+    arg.name == "guidance" for arg in torch.ops.arpg_cpu.decode_step.default._schema.arguments)
 
 
-def _decode_step_fake(tokens, pos_in, pos_q, rope_table, weights, cross_weights, *args):
+def _decode_step_fake(tokens, pos_in, pos_q, rope_table, weights, cross_weights, *args, guidance=None):
     rows = pos_q.shape[0] if cross_weights else tokens.shape[0]
+    if guidance is not None or (len(args) > 13 and args[13] is not None):
+        rows //= 2
     return weights[0].new_empty((rows, weights[2].shape[0]), dtype=torch.float32)
 
 if _load_error is None:
@@ -111,9 +116,9 @@ def step_ops_available() -> bool:
     return _step_ops
 
 
-def decode_step_available() -> bool:
-    """Whether the library has the whole-step op (`decode_step`)."""
-    return _whole_step
+def decode_step_available(guidance: bool = False) -> bool:
+    """Whether the library has the whole-step op (`decode_step`), with its `guidance` argument if asked."""
+    return _guided_step if guidance else _whole_step
 
 
 def load_error() -> Optional[str]:
@@ -282,14 +287,20 @@ def rope(x: Tensor, table: Tensor) -> Tensor:
 
 
 def decode_step(tokens: Tensor, pos_in: Tensor, pos_q: Tensor, rope_table: Tensor, weights, cross_weights, k_caches,
-                v_caches, batch, n_head: int, eps: float, causal: bool, mask_token_id: int) -> Tensor:
+                v_caches, batch, n_head: int, eps: float, causal: bool, mask_token_id: int,
+                guidance: Optional[Tensor] = None) -> Tensor:
     """A whole decoding step of ARPG or the raster model as one op (`arpg.model.cpu_decode_step` builds the
     arguments). tokens, pos_in: int64 [T_in]; pos_q: int64 [T_q]; rope_table: float32 [P, D / 2, 2];
     weights: embedding, final norm, head, then 9 per self layer; cross_weights: the shared K/V's norm, to_k,
     to_v, then 7 per cross layer (empty: the raster model); k_caches, v_caches: one per cache layer; batch:
-    an `arpg.model.PagedBatch`. Returns float32 logits [T_q, V] (raster: [T_in, V])."""
-    return torch.ops.arpg_cpu.decode_step(
+    an `arpg.model.PagedBatch`; guidance: float32 [R / 2, 1] or None (`arpg.model.head_logits`). Returns
+    float32 logits [R, V] for the R = T_q rows (raster: T_in), [R / 2, V] guided with guidance."""
+    if guidance is not None and not _guided_step:
+        raise RuntimeError("arpg: this build of arpg_kernels._cpu has no guidance argument in decode_step (rebuild)")
+    args = (
         tokens, pos_in, pos_q, rope_table, list(weights), list(cross_weights), list(k_caches), list(v_caches),
         batch.slot_mapping, batch.block_table, batch.kv_lens, batch.cu_in, batch.cu_q, int(batch.max_in),
         int(batch.max_q), int(n_head), float(eps), bool(causal), int(mask_token_id),
     )
+    # Without guidance, the call that a library built before `guidance` also takes.
+    return torch.ops.arpg_cpu.decode_step(*args) if guidance is None else torch.ops.arpg_cpu.decode_step(*args, guidance)

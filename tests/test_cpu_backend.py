@@ -433,6 +433,12 @@ def test_whole_step_op_gives_the_logits_of_the_step_op_by_op(dtype, monkeypatch)
             want = engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], return_logits=True, **kw)
         assert torch.equal(got[0], want[0])
         assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+        # Guided sampling: the op mixes the guidance before the head as the step op by op does.
+        calls.clear()
+        got_tokens = engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw)
+        assert len(calls) == len(got[1])
+        with whole_step(False):
+            assert torch.equal(got_tokens, engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw))
     image = torch.randint(0, 64, (3, 16))
     mask = torch.zeros(3, 16, dtype=torch.bool)
     mask[0, :5], mask[1, 3:12], mask[2, 10:] = True, True, True  # a different number of known tokens each
@@ -627,6 +633,12 @@ def test_whole_step_op_refuses_bad_input():
             with pytest.raises(RuntimeError, match="weights must be the embedding"):
                 cpu.decode_step(tokens, inp.pos_in, inp.pos_q, table, [model.embeddings.weight], [],
                                 [engine.cache.layer(0)[0]], [engine.cache.layer(0)[1]], b, 2, 1e-5, False, 0)
+            for bad in (torch.ones(inp.pos_q.shape[0], 1), torch.ones(inp.pos_q.shape[0] // 2, 1).double()):
+                with pytest.raises(RuntimeError, match=r"guidance must be float32 \[rows / 2, 1\]"):
+                    cpu.decode_step(tokens, inp.pos_in, inp.pos_q, table, *_step_weight_lists(model), *zip(
+                        *(engine.cache.layer(i) for i in range(model.num_cache_layers))), b, 2, model.norm.eps, False,
+                        model.config.mask_token_id, bad)
+            assert torch.equal(engine.cache.k_pool, before)  # checked before anything is appended
             ok = cpu_decode_step(model, model.layers.self_dec, tokens, inp.pos_in, inp.pos_q, table, engine.cache, b,
                                  False, model.layers)
             assert ok.shape == (inp.pos_q.shape[0], model.config.vocab_size) and ok.dtype == torch.float32
@@ -635,6 +647,22 @@ def test_whole_step_op_refuses_bad_input():
                                    b, False, model.layers) is None
     finally:
         engine.cache.free(seq_ids)
+
+
+def _step_weight_lists(model):
+    """The op's weight lists, built from the modules (not through arpg.model's cache)."""
+    ls = model.layers
+    weights = [model.embeddings.weight, model.norm.weight, model.head.weight]
+    for layer in ls.self_dec:
+        a, f = layer.attn, layer.ffn
+        weights += [layer.attn_norm.weight, a.to_q.weight, a.to_k.weight, a.to_v.weight, a.proj.weight,
+                    layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight]
+    cross = [ls.norm.weight, ls.to_k.weight, ls.to_v.weight]
+    for layer in ls.cross_dec:
+        a, f = layer.attn, layer.ffn
+        cross += [layer.attn_norm.weight, a.to_q.weight, a.proj.weight, layer.ffn_norm.weight, f.w1.weight,
+                  f.w3.weight, f.w2.weight]
+    return weights, cross
 
 
 def test_whole_step_op_opcheck():
@@ -647,17 +675,7 @@ def test_whole_step_op_opcheck():
     try:
         inp, b = inputs[0], inputs[0].batch
         tokens = model.class_ids(torch.tensor([0, 1]))
-        ls = model.layers
-        weights = [model.embeddings.weight, model.norm.weight, model.head.weight]
-        for layer in ls.self_dec:
-            a, f = layer.attn, layer.ffn
-            weights += [layer.attn_norm.weight, a.to_q.weight, a.to_k.weight, a.to_v.weight, a.proj.weight,
-                        layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight]
-        cross = [ls.norm.weight, ls.to_k.weight, ls.to_v.weight]
-        for layer in ls.cross_dec:
-            a, f = layer.attn, layer.ffn
-            cross += [layer.attn_norm.weight, a.to_q.weight, a.proj.weight, layer.ffn_norm.weight, f.w1.weight,
-                      f.w3.weight, f.w2.weight]
+        weights, cross = _step_weight_lists(model)
         ks, vs = zip(*(engine.cache.layer(i) for i in range(model.num_cache_layers)))
         torch.library.opcheck(
             torch.ops.arpg_cpu.decode_step.default,
@@ -665,8 +683,37 @@ def test_whole_step_op_opcheck():
              b.block_table, b.kv_lens, b.cu_in, b.cu_q, b.max_in, b.max_q, 2, model.norm.eps, False,
              model.config.mask_token_id),
         )
+        guidance = torch.full((inp.pos_q.shape[0] // 2, 1), 2.5)
+        torch.library.opcheck(
+            torch.ops.arpg_cpu.decode_step.default,
+            (tokens, inp.pos_in, inp.pos_q, model.rope_table("cpu"), weights, cross, list(ks), list(vs), b.slot_mapping,
+             b.block_table, b.kv_lens, b.cu_in, b.cu_q, b.max_in, b.max_q, 2, model.norm.eps, False,
+             model.config.mask_token_id, guidance),
+        )
     finally:
         engine.cache.free(seq_ids)
+
+
+def test_a_library_without_guidance_in_the_op_guides_op_by_op(monkeypatch):
+    from arpg import generate
+    from arpg.model import guided_head
+
+    assert cpu.decode_step_available(guidance=True)
+    model, _ = _whole_step_models(torch.float32)
+    labels = torch.tensor([0, 1])
+    want = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    monkeypatch.setattr(cpu, "_guided_step", False)
+    assert cpu.decode_step_available() and not cpu.decode_step_available(guidance=True)
+    calls = []
+    real = cpu.decode_step
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(a[13:]) or real(*a))
+    assert torch.equal(generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1), want)
+    assert calls == []
+    with guided_head(False):
+        generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    assert calls == [(None,)] * 3  # the op's old call, which such a library takes
+    with pytest.raises(RuntimeError, match="no guidance argument"):
+        real(*([None] * 13), torch.ones(1, 1))
 
 
 def test_a_library_without_the_whole_step_op_decodes_op_by_op(monkeypatch):

@@ -24,7 +24,7 @@ from arpg import model as arpg_model
 from arpg.config import ARPGConfig
 from arpg.eager import eager_generate
 from arpg.engine import Engine
-from arpg.model import step_fusions, whole_step
+from arpg.model import GUIDED_HEAD, guided_head, step_fusions, whole_step
 
 from .common import Budget, Record, fmt, timing
 from .plot import STEP_PARTS
@@ -110,6 +110,14 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     # The same engine and ops with the step run op by op from Python, not as arpg_cpu::decode_step.
                     runs["arpg-engine-op-by-op"] = op_by_op
                     n_steps["arpg-engine-op-by-op"] = steps
+                if device.type in GUIDED_HEAD:
+                    def logit_guidance():
+                        with guided_head(False):
+                            return engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
+
+                    # The same engine guiding the logits of both rows (the original's order), not before the head.
+                    runs["arpg-engine-logit-guidance"] = logit_guidance
+                    n_steps["arpg-engine-logit-guidance"] = steps
                 if triton_engine is not None:
                     def all_triton_run():
                         with all_triton():
@@ -141,6 +149,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                         "arpg-engine": engine.cache.nbytes / 2**20,
                         "arpg-engine-unfused": engine.cache.nbytes / 2**20,
                         "arpg-engine-op-by-op": engine.cache.nbytes / 2**20,
+                        "arpg-engine-logit-guidance": engine.cache.nbytes / 2**20,
                         "arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
                         "raster-engine": raster_engine.cache.nbytes / 2**20,
                     }
@@ -173,6 +182,12 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                                    / summary["arpg-engine-op-by-op"]["images_per_s"])
                     record.add("generation", "generate", "ratio", cfg, "ratio_whole-step/op-by-op", "x", ratio_whole)
                     summary.update(whole_step_vs_op_by_op=ratio_whole)
+                if "arpg-engine-logit-guidance" in summary:
+                    ratio_guided = (summary["arpg-engine"]["images_per_s"]
+                                    / summary["arpg-engine-logit-guidance"]["images_per_s"])
+                    record.add("generation", "generate", "ratio", cfg, "ratio_head-guidance/logit-guidance", "x",
+                               ratio_guided)
+                    summary.update(head_guidance_vs_logit_guidance=ratio_guided)
                 if "arpg-engine-triton" in summary:
                     ratio_triton = summary["arpg-engine-triton"]["images_per_s"] / summary["arpg-engine"]["images_per_s"]
                     record.add("generation", "generate", "ratio", cfg, "ratio_all-triton/auto", "x", ratio_triton)
@@ -186,6 +201,8 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     f"{fmt(ratio_fused)}x"
                     + (f", whole-step/op-by-op {fmt(summary['whole_step_vs_op_by_op'])}x"
                        if "whole_step_vs_op_by_op" in summary else "")
+                    + (f", head-guidance/logit-guidance {fmt(summary['head_guidance_vs_logit_guidance'])}x"
+                       if "head_guidance_vs_logit_guidance" in summary else "")
                 )
                 if progress is not None:
                     progress.update(1)

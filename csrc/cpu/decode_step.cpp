@@ -118,12 +118,17 @@ constexpr int64_t kSelfWeights = 9, kCrossWeights = 7, kHeadWeights = 3, kShared
 // [P, head_dim / 2, 2]; weights: embedding, final norm, head, then kSelfWeights per self layer; cross_weights
 // (ARPG; empty for the raster model): the shared K/V's norm, to_k, to_v, then kCrossWeights per cross layer;
 // k_caches, v_caches: [num_pages, page_size, H, head_dim] per cache layer (self layers, then the shared one).
-// Returns float32 logits [T_q, V] (ARPG) or [T_in, V] (raster).
+// guidance (optional): float32 [R / 2, 1] for the R rows of logits, the first R / 2 conditional and the rest their
+// unconditional partners: the guided logits are made from the rows' normalized hidden states mixed before the
+// head, u + (c - u) * scale in float (arpg.model.head_logits; the head is linear without a bias, so this is the
+// original's mixing of the logits, rounded otherwise, at half the head's work).
+// Returns float32 logits [T_q, V] (ARPG) or [T_in, V] (raster), [R / 2, V] with guidance.
 Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_q, const Tensor& rope_table,
                   at::TensorList weights, at::TensorList cross_weights, at::TensorList k_caches,
                   at::TensorList v_caches, const Tensor& slot_mapping, const Tensor& block_table,
                   const Tensor& kv_lens, const Tensor& cu_in, const Tensor& cu_q, int64_t max_in, int64_t max_q,
-                  int64_t n_head, double eps, bool causal, int64_t mask_token_id) {
+                  int64_t n_head, double eps, bool causal, int64_t mask_token_id,
+                  const c10::optional<Tensor>& guidance) {
   // Inference only (arpg.model.cpu_decode_step calls it outside autograd): the ops below skip the autograd
   // layer, which refuses out= products of tensors that require grad (the weights are parameters).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -148,6 +153,15 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
       TORCH_CHECK(w.scalar_type() == embedding.scalar_type(), "arpg_cpu::decode_step: every weight must be in the "
                   "embedding's dtype ", embedding.scalar_type(), ", got ", w.scalar_type());
     }
+  }
+  // Checked before anything is appended: a bad guidance leaves the cache as it was.
+  const int64_t rows = arpg ? pos_q.size(0) : tokens.size(0);
+  if (guidance.has_value()) {
+    const Tensor& g = *guidance;
+    TORCH_CHECK(rows % 2 == 0 && g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(0) == rows / 2 &&
+                    g.size(1) == 1,
+                "arpg_cpu::decode_step: guidance must be float32 [rows / 2, 1] for an even number of rows of logits (",
+                rows, " rows), got ", g.scalar_type(), " ", g.sizes());
   }
   const int64_t head_dim = embedding.size(1) / n_head;
   const Dims d{n_head, head_dim, eps, std::pow(static_cast<double>(head_dim), -0.5)};
@@ -175,7 +189,14 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
       x = CrossLayer(x, &cross_weights[kSharedWeights + kCrossWeights * i], rope_q, k_cache, v_cache, cross_attend, d);
     }
   }
-  return at::linear(RmsNorm(x, weights[1], eps), weights[2]).to(at::kFloat);
+  Tensor h = RmsNorm(x, weights[1], eps);
+  if (guidance.has_value()) {
+    const Tensor& g = *guidance;
+    const Tensor hf = h.to(at::kFloat);
+    const Tensor c = hf.narrow(0, 0, rows / 2), u = hf.narrow(0, rows / 2, rows / 2);
+    h = at::add(u, at::mul(at::sub(c, u), g)).to(h.scalar_type());  // arpg.sampling.guide's expression and order
+  }
+  return at::linear(h, weights[2]).to(at::kFloat);
 }
 
 }  // namespace
@@ -186,7 +207,7 @@ TORCH_LIBRARY_FRAGMENT(arpg_cpu, m) {
       "decode_step(Tensor tokens, Tensor pos_in, Tensor pos_q, Tensor rope_table, Tensor[] weights, "
       "Tensor[] cross_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_table, "
       "Tensor kv_lens, Tensor cu_in, Tensor cu_q, int max_in, int max_q, int n_head, float eps, bool causal, "
-      "int mask_token_id) -> Tensor");
+      "int mask_token_id, Tensor? guidance=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(arpg_cpu, CPU, m) { m.impl("decode_step", &arpg::DecodeStep); }

@@ -175,3 +175,97 @@ def test_step_fusions_off_gives_the_same_tokens():
     with step_fusions(False):
         unfused = generate(model, labels, num_steps=5, cfg_scale=3.0, top_k=20, top_p=0.9, seed=1)
     assert torch.equal(fused, unfused)
+
+
+def _record_guided_steps(monkeypatch, model, seen):
+    """Make each guided `decode_step` also run unguided on a copy of the cache as it was, and record both:
+    (guided logits, `guide` of the unguided logits' conditional and unconditional halves)."""
+    from arpg.sampling import guide
+
+    real = model.decode_step
+
+    def step(tokens, pos_in, pos_q, cache, batch, guidance=None, **kw):
+        if guidance is None:
+            seen.append(None)
+            return real(tokens, pos_in, pos_q, cache, batch, **kw)
+        k, v = cache.k_pool.clone(), cache.v_pool.clone()
+        c, u = real(tokens, pos_in, pos_q, cache, batch, **kw).chunk(2)
+        cache.k_pool.copy_(k)
+        cache.v_pool.copy_(v)
+        got = real(tokens, pos_in, pos_q, cache, batch, guidance=guidance, **kw)
+        seen.append((got, guide(c, u, guidance)))
+        return got
+
+    monkeypatch.setattr(model, "decode_step", step)
+
+
+@pytest.mark.parametrize("name", ["ARPG-tiny", "Raster-tiny"])
+def test_guidance_before_the_head_gives_the_guided_logits(make_model, monkeypatch, name):
+    # The head is linear without a bias: head(u + (c - u) * g) is u' + (c' - u') * g of the logits, rounded
+    # otherwise. The engine takes it for guided sampling on the devices of GUIDED_HEAD (the CPU).
+    from arpg.model import guided_head
+
+    model = make_model(name, std=0.3)
+    labels = torch.tensor([3, 5, -1])
+    kw = dict(cfg_scale=3.0, cfg_schedule="linear", seed=[1, 2, 3], top_k=20)
+    steps = {} if name.startswith("Raster") else {"num_steps": 5}
+    seen = []
+    _record_guided_steps(monkeypatch, model, seen)
+    tokens = generate(model, labels, **steps, **kw)
+    assert seen and all(s is not None for s in seen)
+    for got, want in seen:
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    seen.clear()
+    with guided_head(False):  # the original's order: both rows' logits, guided in the sampler
+        assert torch.equal(generate(model, labels, **steps, **kw), tokens)
+    assert seen and all(s is None for s in seen)
+
+
+def test_guidance_before_the_head_only_where_it_applies(make_model, monkeypatch):
+    from arpg import model as arpg_model
+
+    model = make_model()
+    labels = torch.tensor([1, 2])
+    seen = []
+    _record_guided_steps(monkeypatch, model, seen)
+
+    def guided_calls(**kw):
+        seen.clear()
+        generate(model, labels, 3, seed=0, **kw)
+        return sum(s is not None for s in seen), len(seen)
+
+    assert guided_calls(cfg_scale=2.0) == (3, 3)
+    assert guided_calls() == (0, 3)  # no guidance
+    assert guided_calls(cfg_scale=2.0, return_logits=True)[0] == 0  # both rows' logits asked for
+    teacher = torch.randint(0, model.config.vocab_size, (2, model.config.seq_len))
+    assert guided_calls(cfg_scale=2.0, teacher_tokens=teacher)[0] == 0  # nothing sampled
+    arpg_model.GUIDED_HEAD.discard("cpu")  # a set edited in place, as FUSED_ROPE_APPEND
+    try:
+        assert guided_calls(cfg_scale=2.0)[0] == 0
+    finally:
+        arpg_model.GUIDED_HEAD.add("cpu")
+
+
+@pytest.mark.parametrize("name", ["ARPG-tiny", "Raster-tiny"])
+def test_decode_step_refuses_a_bad_guidance(make_model, name):
+    from arpg.engine import Engine, generation_plans
+
+    model = make_model(name)
+    engine = Engine(model, 4)
+    plans = generation_plans(model, 2, 4 if name.startswith("ARPG") else None, "arccos", 2.0, "constant", None, None)
+    seq_ids, inputs = engine._prepare([list(p) for p in plans], 4, model.config.seq_len)
+    try:
+        inp = inputs[0]
+        tokens = torch.cat([model.class_ids(torch.tensor([0, 1])), torch.full((2,), model.config.null_class_id)])
+        rows = (inp.pos_q if name.startswith("ARPG") else tokens).shape[0]
+        before = engine.cache.k_pool.clone()
+        for bad in (inp.cfg.double(), inp.cfg[:-1], inp.cfg.view(-1), torch.ones(rows, 1), 2.0):
+            with torch.inference_mode(), pytest.raises(ValueError, match=r"guidance must be float32 \[rows / 2, 1\]"):
+                model.decode_step(tokens, inp.pos_in, inp.pos_q, engine.cache, inp.batch, guidance=bad)
+        assert torch.equal(engine.cache.k_pool, before)  # refused before anything ran
+        with torch.inference_mode():
+            out = model.decode_step(tokens, inp.pos_in, inp.pos_q, engine.cache, inp.batch, guidance=inp.cfg)
+        assert out.shape == (rows // 2, model.config.vocab_size)
+    finally:
+        engine.cache.free(seq_ids)
