@@ -23,6 +23,7 @@ import torch
 from torch.profiler import record_function
 
 import arpg_kernels as ak
+from arpg_kernels.cache import int_tensor
 
 from .model import GUIDED_HEAD, PagedBatch, guided_head_enabled
 from .sampling import cfg_scales, draw_uniforms, make_generators, sample, token_schedule
@@ -415,44 +416,42 @@ class Engine:
             self.cache.free(seq_ids)
             raise
 
-        def slot(r: int, p: int) -> int:
-            return r if p == 0 else rows + (r % bsz) * seq_len + p - 1
-
-        # One host-to-device copy for all indices and positions, one for the scales, then views.
-        flat, spans, scales = [], [], []
+        # Token p > 0 of row r sits at rows + (r % B) * seq_len + p - 1 (`tail[r % B] + p`), position 0 at r.
+        tail = [rows + b * seq_len - 1 for b in range(bsz)]
+        # One host-to-device copy for all indices and positions, one for the queries' prefix sums, one for the
+        # scales, then views.
+        flat, spans, scales, cu_q = [], [], [], []
         for st in by_step:
             rows_st = [st[r % bsz] for r in range(rows)]
             parts = (
-                [slot(r, p) for r, x in enumerate(rows_st) for p in x.pos_in],
+                [tail[r % bsz] + p if p else r for r, x in enumerate(rows_st) for p in x.pos_in],
                 [p for x in rows_st for p in x.pos_in],
                 [t + 1 for x in rows_st for t in x.targets],
-                [slot(b, t + 1) for b, x in enumerate(st) for t in x.targets],
+                [tail[b] + t + 1 for b, x in enumerate(st) for t in x.targets],
             )
             for part in parts:
                 spans.append((len(flat), len(part)))
                 flat.extend(part)
+            cu_q.append([0, *itertools.accumulate(x.n_q for x in rows_st)])
             scales.extend(x.cfg for x in st for _ in x.targets)
-        flat_t = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        flat_t = int_tensor(flat, torch.int64, self.device)
         views = [flat_t[a : a + n] for a, n in spans]
+        cu_q = torch.tensor(cu_q, dtype=torch.int32, device=self.device)  # [steps, rows + 1]
         scales_t = torch.tensor(scales, dtype=torch.float32, device=self.device)[:, None]
-
-        def cu(counts) -> torch.Tensor:
-            return torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=self.device)
 
         inputs, done = [], 0
         for i, (st, plan) in enumerate(zip(by_step, cache_plans)):
             q_counts = tuple(x.n_q for x in st)
-            n_q = [q_counts[r % bsz] for r in range(rows)]
             batch = PagedBatch(
                 slot_mapping=plan.slot_mapping,
                 block_table=block_table,
                 kv_lens=plan.kv_lens,
                 cu_in=plan.cu_new,
-                cu_q=cu(n_q),
+                cu_q=cu_q[i],
                 max_in=max(plan.num_new),
-                max_q=max(n_q),
+                max_q=max(q_counts),
             )
-            uniform = len(set(plan.num_new)) == 1 and len(set(n_q)) == 1
+            uniform = len(set(plan.num_new)) == 1 and len(set(q_counts)) == 1
             in_index, pos_in, pos_q, out_index = views[4 * i : 4 * i + 4]
             inputs.append(
                 _StepInputs(in_index, pos_in, pos_q, out_index, scales_t[done : done + sum(q_counts)], q_counts,

@@ -199,3 +199,16 @@ def test_tensors_have_the_kernel_dtypes():
     assert table.dtype == torch.int32 and table.shape == (2, 2) and lens.tolist() == [17, 0]
     assert cache.k_pool.shape == (3, 8, 16, 2, 64) and cache.layer(2)[0].shape == (8, 16, 2, 64)
     assert cache.nbytes == 2 * 3 * 8 * 16 * 2 * 64 * 2
+
+
+def test_int_tensor():
+    from arpg_kernels.cache import int_tensor
+
+    for dtype, big in ((torch.int64, 2**40), (torch.int32, 2**31 - 1)):
+        t = int_tensor([3, -1, big], dtype, "cpu")
+        assert t.dtype == dtype and t.tolist() == [3, -1, big]
+        assert int_tensor(iter(range(5)), dtype, "cpu").tolist() == list(range(5))
+        empty = int_tensor([], dtype, "cpu")
+        assert empty.dtype == dtype and empty.shape == (0,)
+    with pytest.raises(OverflowError):
+        int_tensor([2**31], torch.int32, "cpu")
