@@ -12,6 +12,7 @@ with static input buffers and replayed, in this and later generations of the sam
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import threading
@@ -290,7 +291,8 @@ class Engine:
     max_seq_len: image tokens per sequence the cache holds (default the model's grid_size**2; larger
     for resolution expansion). The model's weights are used in place. `model` is an `ARPG` or a
     `RasterLM` (any module with `config`, `num_cache_layers` and `decode_step`; `decode_order =
-    "raster"` selects one token per step).
+    "raster"` selects one token per step; a `decode_step` without the `guidance` argument gets its logits
+    guided in the sampler).
 
     max_cache_bytes: a cap on the cache's bytes (K and V pools). The engine then holds as many rows as
     fit (at most `max_rows` when that is given too), and a batch with more rows runs in chunks of whole
@@ -318,6 +320,10 @@ class Engine:
     ):
         param = next(model.parameters())
         cfg = model.config
+        try:
+            self._step_takes_guidance = "guidance" in inspect.signature(model.decode_step).parameters
+        except (TypeError, ValueError):  # a callable without a signature
+            self._step_takes_guidance = False
         # `generate` keeps its engines in a weak-keyed table, so those must not keep the model alive.
         self._model = weakref.ref(model) if _weak_model else (lambda: model)
         self.device, self.dtype = param.device, param.dtype
@@ -586,7 +592,8 @@ class Engine:
 
     def _guided(self) -> bool:
         """Whether guided steps mix the guidance before the head (`arpg.model.GUIDED_HEAD`, `guided_head`)."""
-        return self.device.type in GUIDED_HEAD and not self.use_cuda_graphs and guided_head_enabled()
+        return (self.device.type in GUIDED_HEAD and not self.use_cuda_graphs and self._step_takes_guidance
+                and guided_head_enabled())
 
     def generate(
         self,

@@ -269,3 +269,18 @@ def test_decode_step_refuses_a_bad_guidance(make_model, name):
         assert out.shape == (rows // 2, model.config.vocab_size)
     finally:
         engine.cache.free(seq_ids)
+
+
+def test_a_decode_step_without_guidance_gets_its_logits_guided(make_model):
+    # A model of the user's whose decode_step predates the guidance argument still decodes with guidance.
+    model = make_model()
+
+    class OwnStep(ARPG):
+        def decode_step(self, tokens, pos_in, pos_q, cache, batch, grid=None, causal=False):
+            return super().decode_step(tokens, pos_in, pos_q, cache, batch, grid=grid, causal=causal)
+
+    own = OwnStep(model.config).eval()
+    own.load_state_dict(model.state_dict())
+    labels = torch.tensor([2, 7])
+    want = generate(model, labels, 4, seed=5, cfg_scale=3.0)
+    assert torch.equal(Engine(own, 4).generate(labels, 4, seed=5, cfg_scale=3.0), want)
