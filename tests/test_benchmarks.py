@@ -66,6 +66,19 @@ def test_default_out_is_a_new_folder_under_arpg_results(tmp_path, monkeypatch, c
     assert f"results in {out.relative_to(tmp_path)}/" in capsys.readouterr().out
 
 
+def test_gen_seconds_sets_the_generation_budget(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(generation, "bench_generation",
+                        lambda record, device, grid, dtype, budget, progress=None: seen.append(budget) or [])
+    monkeypatch.setattr(generation, "profile_engine_step", lambda *args: None)
+    run.main(["--device", "cpu", "--only", "generation", "--gen-seconds", "7.5", "--out", str(tmp_path / "a")])
+    assert seen[-1].min_time_s == 7.5 and seen[-1].max_time_s >= 7.5
+    run.main(["--device", "cpu", "--only", "generation", "--out", str(tmp_path / "b")])
+    assert seen[-1] == generation.GENERATION_BUDGET
+    with pytest.raises(SystemExit):
+        run.main(["--device", "cpu", "--only", "generation", "--gen-seconds", "0", "--out", str(tmp_path / "c")])
+
+
 def _rows(tmp_path, bandwidth_batches, copy_gbs=12.0, spread=0.01, load=0.0):
     record = Record(tmp_path / "results.csv", "cpu")
     record.add("process", "load", "start", {"cpus": 2}, "loadavg_1min", "load", load)

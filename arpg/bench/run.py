@@ -5,6 +5,7 @@ below is its --help: what it measures, what it writes where, how long it takes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import textwrap
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", default=None,
                         help=f"comma-separated ARPG step counts (default: {_csv(quick['steps'])} quick, "
                              f"{_csv(full['steps'])} full); raster always decodes every token")
+    parser.add_argument("--gen-seconds", type=float, default=None,
+                        help=f"generation: time each provider at least this many seconds at each point, interleaved "
+                             f"(default: {GENERATION_BUDGET.min_time_s:g} s, then until the median settles or "
+                             f"{GENERATION_BUDGET.max_time_s:g} s); more gives steadier ratios on a noisy machine")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"torch CPU threads (default: torch's choice, here {torch.get_num_threads()})")
     parser.add_argument("--out", type=Path, default=None,
@@ -132,7 +137,13 @@ def main(argv: list[str] | None = None) -> None:
         print("generation: ARPG engine vs eager original-style path vs raster baseline (CFG 4.0)")
         total = len(grid["models"]) * len(grid["steps"]) * len(grid["batches"])
         bar = progress_factory(total=total, desc="generation", disable=quick_grid) if progress_factory else None
-        generation.bench_generation(record, device, grid, dtype, progress=bar)
+        budget = GENERATION_BUDGET
+        if args.gen_seconds is not None:
+            if args.gen_seconds <= 0:
+                parser.error(f"--gen-seconds must be positive, got {args.gen_seconds:g}")
+            budget = dataclasses.replace(budget, min_time_s=args.gen_seconds,
+                                         max_time_s=max(budget.max_time_s, args.gen_seconds))
+        generation.bench_generation(record, device, grid, dtype, budget=budget, progress=bar)
         if bar is not None:
             bar.close()
         print("generation: where an engine step's host time goes (torch.profiler, largest batch and step count)")
