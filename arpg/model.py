@@ -260,15 +260,17 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
                            c.n_head, eps, causal, c.mask_token_id, guidance)
 
 
-def check_guidance(guidance: Optional[torch.Tensor], rows: int) -> None:
-    """Refuse a guidance that `head_logits` could not use for `rows` rows of logits, before anything runs."""
+def check_guidance(guidance: Optional[torch.Tensor], rows: int, device: torch.device) -> None:
+    """Refuse a guidance that `head_logits` could not use for `rows` rows of logits on `device`, before
+    anything runs (a step appends to the cache before it reaches the head)."""
     if guidance is None:
         return
     if (rows % 2 or not isinstance(guidance, torch.Tensor) or guidance.dtype != torch.float32
-            or tuple(guidance.shape) != (rows // 2, 1)):
-        got = f"{guidance.dtype} {tuple(guidance.shape)}" if isinstance(guidance, torch.Tensor) else type(guidance)
-        raise ValueError(f"guidance must be float32 [rows / 2, 1] for an even number of rows of logits ({rows} "
-                         f"rows: conditional, then their unconditional partners), got {got}")
+            or tuple(guidance.shape) != (rows // 2, 1) or guidance.device != device):
+        got = (f"{guidance.dtype} {tuple(guidance.shape)} on {guidance.device}" if isinstance(guidance, torch.Tensor)
+               else type(guidance))
+        raise ValueError(f"guidance must be float32 [rows / 2, 1] on {device} for an even number of rows of logits "
+                         f"({rows} rows: conditional, then their unconditional partners), got {got}")
 
 
 def head_logits(head: nn.Linear, h: torch.Tensor, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -277,8 +279,9 @@ def head_logits(head: nn.Linear, h: torch.Tensor, guidance: Optional[torch.Tenso
     With guidance (float32 [R / 2, 1], `check_guidance`) the first R / 2 rows are conditional and the rest their
     unconditional partners, and the result is the guided logits [R / 2, V]: the rows mixed in float before the
     head, `head(u + (c - u) * scale)` (`arpg.sampling.guide`'s expression), cast back to h's dtype. The head is
-    linear without a bias, so these are the original's guided logits `u' + (c' - u') * scale`, rounded
-    otherwise (float32: within a few ulp of the logits), at half the head's work and with no second row of
+    linear and the guidance an affine mix (weights 1 - scale and scale), so these are the original's guided
+    logits `u' + (c' - u') * scale`, rounded
+    otherwise (float32: about 1e-6 of the logits' size apart), at half the head's work and with no second row of
     logits for the sampler to read.
     """
     if guidance is not None:
@@ -661,7 +664,7 @@ class ARPG(nn.Module):
         the conditional queries (the first half; the second half their unconditional partners), to return
         the guided logits [T_q / 2, V] (`head_logits`). Returns float32 logits [T_q, V].
         """
-        check_guidance(guidance, pos_q.shape[0])
+        check_guidance(guidance, pos_q.shape[0], tokens.device)
         rope = self.rope_table(tokens.device, grid)
         logits = cpu_decode_step(self, self.layers.self_dec, tokens, pos_in, pos_q, rope, cache, batch, causal,
                                  self.layers, guidance)

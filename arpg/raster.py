@@ -91,7 +91,7 @@ class RasterLM(nn.Module):
         (`arpg.model.head_logits`).
 
         pos_q is unused (the next position is implied by the order)."""
-        check_guidance(guidance, tokens.shape[0])
+        check_guidance(guidance, tokens.shape[0], tokens.device)
         table = self.rope_table(tokens.device)
         logits = cpu_decode_step(self, self.layers, tokens, pos_in, pos_in if pos_q is None else pos_q, table, cache,
                                  batch, True, guidance=guidance)

@@ -49,8 +49,9 @@ def test_threads_give_the_same_result(threads):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_scratch_reused_across_paths(dtype, poison_empty):
     # One thread runs every work item on one scratch, costliest first: the many-row (AVX-512) items, then
-    # the few-row ones, each ending in a partial tile next to NaN slots. The scratch is not cleared between
-    # items, so an item must never read what the one before it left there.
+    # the few-row ones, each ending in a partial tile next to NaN slots; the scratch is not cleared between
+    # items. (csrc/tests/cpu_kernel_tests.cpp fills it with NaN before every item, which catches a read of
+    # anything an item did not write itself.)
     case = Case((12, 9, 3, 1, 2), (45, 37, 29, 20, 7), h=2, hkv=2, d=64, dtype=dtype)
     prev = torch.get_num_threads()
     try:

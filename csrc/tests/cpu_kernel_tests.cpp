@@ -361,6 +361,15 @@ void Reference(const AttnCase& c, const PagedProblem<T>& p, std::vector<double>&
 constexpr int kOutTokenPad = 5;
 constexpr int kLseTokenPad = 1;
 
+// NaN in every scratch buffer, at least as long as any work item here needs (resize keeps the contents): a
+// work item that reads scratch it did not write in this item (the kernels do not clear it per item) gets NaN
+// into its output, through P V if nowhere else.
+void PoisonScratch(arpg::cpu::PagedAttentionScratch& w) {
+  for (std::vector<float>* v : {&w.q, &w.acc, &w.m, &w.corr, &w.l, &w.k, &w.v, &w.s}) {
+    v->assign(std::max<size_t>(v->size(), 1 << 15), std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
 template <typename T>
 void RunKernel(const AttnCase& c, const PagedProblem<T>& p, BlockFn<T> fn, std::mt19937& rng,
                arpg::cpu::PagedAttentionScratch& scratch, std::vector<T>& out, std::vector<float>& lse) {
@@ -417,7 +426,10 @@ void RunKernel(const AttnCase& c, const PagedProblem<T>& p, BlockFn<T> fn, std::
     }
   }
   std::shuffle(items.begin(), items.end(), rng);
-  for (const Item& it : items) fn(a, it.seq, it.kv_head, it.q_begin, it.q_begin + c.q_block, scratch);
+  for (const Item& it : items) {
+    PoisonScratch(scratch);
+    fn(a, it.seq, it.kv_head, it.q_begin, it.q_begin + c.q_block, scratch);
+  }
 }
 
 template <typename T>

@@ -218,8 +218,11 @@ def test_guidance_before_the_head_gives_the_guided_logits(make_model, monkeypatc
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     seen.clear()
     with guided_head(False):  # the original's order: both rows' logits, guided in the sampler
-        assert torch.equal(generate(model, labels, **steps, **kw), tokens)
+        other = generate(model, labels, **steps, **kw)
     assert seen and all(s is None for s in seen)
+    # The same draws on logits a rounding apart: a token differs only where a uniform falls within that of a
+    # boundary between two tokens.
+    assert (other == tokens).float().mean() > 0.95
 
 
 def test_guidance_before_the_head_only_where_it_applies(make_model, monkeypatch):
@@ -260,8 +263,9 @@ def test_decode_step_refuses_a_bad_guidance(make_model, name):
         tokens = torch.cat([model.class_ids(torch.tensor([0, 1])), torch.full((2,), model.config.null_class_id)])
         rows = (inp.pos_q if name.startswith("ARPG") else tokens).shape[0]
         before = engine.cache.k_pool.clone()
-        for bad in (inp.cfg.double(), inp.cfg[:-1], inp.cfg.view(-1), torch.ones(rows, 1), 2.0):
-            with torch.inference_mode(), pytest.raises(ValueError, match=r"guidance must be float32 \[rows / 2, 1\]"):
+        for bad in (inp.cfg.double(), inp.cfg[:-1], inp.cfg.view(-1), torch.ones(rows, 1), 2.0,
+                    inp.cfg.to("meta")):
+            with torch.inference_mode(), pytest.raises(ValueError, match=r"guidance must be float32 \[rows / 2, 1\] on cpu"):
                 model.decode_step(tokens, inp.pos_in, inp.pos_q, engine.cache, inp.batch, guidance=bad)
         assert torch.equal(engine.cache.k_pool, before)  # refused before anything ran
         with torch.inference_mode():
@@ -273,6 +277,8 @@ def test_decode_step_refuses_a_bad_guidance(make_model, name):
 
 def test_a_decode_step_without_guidance_gets_its_logits_guided(make_model):
     # A model of the user's whose decode_step predates the guidance argument still decodes with guidance.
+    from arpg.model import guided_head
+
     model = make_model()
 
     class OwnStep(ARPG):
@@ -282,5 +288,6 @@ def test_a_decode_step_without_guidance_gets_its_logits_guided(make_model):
     own = OwnStep(model.config).eval()
     own.load_state_dict(model.state_dict())
     labels = torch.tensor([2, 7])
-    want = generate(model, labels, 4, seed=5, cfg_scale=3.0)
+    with guided_head(False):
+        want = generate(model, labels, 4, seed=5, cfg_scale=3.0)
     assert torch.equal(Engine(own, 4).generate(labels, 4, seed=5, cfg_scale=3.0), want)
