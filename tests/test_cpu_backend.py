@@ -47,6 +47,26 @@ def test_threads_give_the_same_result(threads):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_heads_per_item_do_not_change_the_result(dtype):
+    # Few-row sequences are served several KV heads per work item, tile by tile, as many as leave 4 items per
+    # thread: 1, 2 and 8 threads group the 8 heads differently; every head's arithmetic is the same.
+    case = Case((1, 2, 1, 3, 1, 1), (300, 45, 0, 129, 16, 77), h=16, hkv=8, d=64, dtype=dtype, causal=True)
+    inputs = make_inputs(case, device="cpu")
+    args = (*inputs, 3, True, 64**-0.5, True)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 8):
+            torch.set_num_threads(threads)
+            outs.append(cpu.paged_attention(*args))
+    finally:
+        torch.set_num_threads(prev)
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    check_paged_kernel(cpu.paged_attention, case, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_scratch_reused_across_paths(dtype, poison_empty):
     # One thread runs every work item on one scratch, costliest first: the many-row (AVX-512) items, then
     # the few-row ones, each ending in a partial tile next to NaN slots; the scratch is not cleared between

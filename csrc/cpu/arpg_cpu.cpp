@@ -38,6 +38,7 @@ constexpr int kMaxRows = 256;  // rows (queries x heads of a group) per item: it
 struct WorkItem {
   int64_t cost;  // rows x visible keys
   int seq, kv_head, q_begin;
+  int heads;  // KV heads kv_head, kv_head + 1, ... (more than one: the few-row path, tile by tile)
 };
 
 template <typename T>
@@ -97,18 +98,28 @@ void Run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       break;
     }
   }
+  // Few-row sequences are served several KV heads per item, tile by tile (cpu::PagedAttentionHeads: the reads
+  // then sweep each page in order), as many heads as still leave 4 items per thread.
+  int64_t blocks = 0;
+  for (int seq = 0; seq < seqs; ++seq) blocks += (a.cu_q_lens[seq + 1] - a.cu_q_lens[seq] + block - 1) / block;
+  const int heads_per_item = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({a.num_kv_heads, cpu::kMaxHeadsPerItem, blocks * a.num_kv_heads / (4 * threads)})));
   std::vector<WorkItem> items;
   bool uniform = true;
   for (int seq = 0; seq < seqs; ++seq) {
     const int q_len = a.cu_q_lens[seq + 1] - a.cu_q_lens[seq];
     const int kv_len = std::min(std::max(a.kv_lens[seq], 0), max_kv);
+    const int per_item = cpu::PagedAttentionNarrow(a, seq) ? heads_per_item : 1;
     for (int q_begin = 0; q_begin < q_len; q_begin += block) {
       const int q_end = std::min(q_begin + block, q_len);
       const int span = causal ? std::min(kv_len, std::max(kv_len - q_len + q_end, 0)) : kv_len;
       if (span <= 0) continue;
       const int64_t cost = static_cast<int64_t>(q_end - q_begin) * group * span;
-      uniform = uniform && (items.empty() || items.back().cost == cost);
-      for (int head = 0; head < a.num_kv_heads; ++head) items.push_back({cost, seq, head, q_begin});
+      for (int head = 0; head < a.num_kv_heads; head += per_item) {
+        const int heads = std::min(per_item, a.num_kv_heads - head);
+        uniform = uniform && (items.empty() || items.back().cost == cost * heads);
+        items.push_back({cost * heads, seq, head, q_begin, heads});
+      }
     }
   }
   if (!uniform) {
@@ -117,10 +128,15 @@ void Run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t n = static_cast<int64_t>(items.size());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
-    cpu::PagedAttentionScratch scratch;
+    std::vector<cpu::PagedAttentionScratch> scratch(heads_per_item);
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed)) {
       const WorkItem& it = items[i];
-      cpu::PagedAttentionBlock(a, it.seq, it.kv_head, it.q_begin, it.q_begin + block, scratch);
+      if (it.heads > 1) {
+        cpu::PagedAttentionHeads(a, it.seq, it.kv_head, it.kv_head + it.heads, it.q_begin, it.q_begin + block,
+                                 scratch.data());
+      } else {
+        cpu::PagedAttentionBlock(a, it.seq, it.kv_head, it.q_begin, it.q_begin + block, scratch[0]);
+      }
     }
   });
 }

@@ -157,6 +157,30 @@ bool Close(double got, double want, double abs_tol, double rel_tol) {
   return std::fabs(got - want) <= abs_tol + rel_tol * std::fabs(want);  // NaN fails
 }
 
+// NaN in every scratch buffer, at least as long as any work item here needs (resize keeps the contents): a
+// work item that reads scratch it did not write in this item (the kernels do not clear it per item) gets NaN
+// into its output, through P V if nowhere else.
+void PoisonScratch(arpg::cpu::PagedAttentionScratch& w) {
+  for (std::vector<float>* v : {&w.q, &w.acc, &w.m, &w.corr, &w.l, &w.k, &w.v, &w.s}) {
+    v->assign(std::max<size_t>(v->size(), 1 << 15), std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+// The few-row path run tile by tile over several KV heads (cpu::PagedAttentionHeads, as the adapter does), as
+// a BlockFn: the item of KV head 0 serves every head of its sequence's query block, in groups of at most
+// kMaxHeadsPerItem, each head on its own poisoned scratch; the items of the other heads do nothing.
+template <typename T>
+void HeadsTileByTile(const arpg::cpu::PagedAttentionArgs<T>& a, int seq, int kv_head, int q_begin, int q_end,
+                     arpg::cpu::PagedAttentionScratch&) {
+  if (kv_head != 0) return;
+  static thread_local std::vector<arpg::cpu::PagedAttentionScratch> ws(arpg::cpu::kMaxHeadsPerItem);
+  for (int h = 0; h < a.num_kv_heads; h += arpg::cpu::kMaxHeadsPerItem) {
+    for (auto& w : ws) PoisonScratch(w);
+    arpg::cpu::PagedAttentionHeads(a, seq, h, std::min(h + arpg::cpu::kMaxHeadsPerItem, a.num_kv_heads), q_begin,
+                                   q_end, ws.data());
+  }
+}
+
 // The header's code paths on this CPU.
 template <typename T>
 using BlockFn = void (*)(const arpg::cpu::PagedAttentionArgs<T>&, int, int, int, int, arpg::cpu::PagedAttentionScratch&);
@@ -175,6 +199,7 @@ std::vector<std::pair<const char*, BlockFn<T>>> Paths() {
   }
 #endif
   paths.push_back({"dispatch", &arpg::cpu::PagedAttentionBlock<T>});
+  paths.push_back({"heads", &HeadsTileByTile<T>});
   return paths;
 }
 
@@ -360,15 +385,6 @@ void Reference(const AttnCase& c, const PagedProblem<T>& p, std::vector<double>&
 // Output and LSE layouts with padding (token strides past H * D and H).
 constexpr int kOutTokenPad = 5;
 constexpr int kLseTokenPad = 1;
-
-// NaN in every scratch buffer, at least as long as any work item here needs (resize keeps the contents): a
-// work item that reads scratch it did not write in this item (the kernels do not clear it per item) gets NaN
-// into its output, through P V if nowhere else.
-void PoisonScratch(arpg::cpu::PagedAttentionScratch& w) {
-  for (std::vector<float>* v : {&w.q, &w.acc, &w.m, &w.corr, &w.l, &w.k, &w.v, &w.s}) {
-    v->assign(std::max<size_t>(v->size(), 1 << 15), std::numeric_limits<float>::quiet_NaN());
-  }
-}
 
 template <typename T>
 void RunKernel(const AttnCase& c, const PagedProblem<T>& p, BlockFn<T> fn, std::mt19937& rng,
