@@ -416,7 +416,8 @@ ARPG_CPU_INLINE void PagedAttentionHeadsImpl(const PagedAttentionArgs<T>& a, int
   }
   const NarrowItem<T>& f = items[0];
   // K's and V's rows of all n heads, per token one run (the heads lie next to each other in a page), side by side
-  // (measured faster than one run after the other); a prefetch past a run's end is harmless.
+  // (measured faster than one run after the other); a prefetch past a run's end is harmless. Inline here: through
+  // NarrowItem::Prefetch with a byte count this measured 5-10% slower at 16 sequences (GCC 12).
   const int64_t bytes = static_cast<int64_t>(n) * std::max(a.k_stride_head, a.v_stride_head) * sizeof(T);
   for (int start = 0; start < f.span; start += kKeyTile) {
     const int end = std::min(start + 2 * kKeyTile, f.span);
