@@ -88,6 +88,7 @@ GUIDED_HEAD = {"cpu"}
 _fusions = threading.local()
 _whole = threading.local()
 _guided_switch = threading.local()
+_groups_switch = threading.local()
 
 
 @contextlib.contextmanager
@@ -136,6 +137,14 @@ def whole_step(enabled: bool):
     """Turn the CPU's whole-step op (`arpg_cpu::decode_step`, see `cpu_decode_step`) on or off in this thread
     until the block ends: off runs the step op by op from Python (benchmarks, debugging), the same ops."""
     return _thread_switch(_whole, enabled)
+
+
+def step_groups(enabled: bool):
+    """Turn the CPU's whole-step op's thread groups (`arpg_cpu::decode_step`'s `thread_groups`: the layers of a
+    group of sequences per thread, each group on its one thread) on or off in this thread until the block ends.
+    Off, a step runs as one group with every op on all threads, and its logits are the op-by-op path's bit for
+    bit; on (the default), rounded as matmuls of fewer rows round (float32: about 1e-7 of the values apart)."""
+    return _thread_switch(_groups_switch, enabled)
 
 
 def guided_head(enabled: bool):
@@ -219,8 +228,10 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
                     two_pass: Optional["TwoPassDecoder"] = None,
                     guidance: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """A whole decoding step as one op, `arpg_cpu::decode_step` (csrc/cpu/decode_step.cpp): the ops of the
-    step-op path (`step_ops`, RoPE inside the append) in the same order, called from C++, so the logits are
-    the same bit for bit. On a CPU a step's host time is mostly Python between its ops. Returns None where it
+    step-op path (`step_ops`, RoPE inside the append) in the same order, called from C++. On a CPU a step's
+    host time is mostly Python between its ops. With several threads the op runs the layers in groups of
+    sequences, one per thread, rounded as matmuls of fewer rows round; with `step_groups(False)` (or one
+    thread) as one group, the logits of the step op by op bit for bit. Returns None where it
     does not apply (then the caller runs the step op by op): outside `step_ops`' conditions (autograd
     included: any weight that requires grad while grad is on), with `whole_step(False)`, without RoPE inside
     the append (`FUSED_ROPE_APPEND`), with a library built before the op, with weights of mixed dtypes or
@@ -257,7 +268,7 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
         ak.checks.check_paged_attention(rows_q, k_caches[-1], v_caches[-1], batch.block_table, batch.kv_lens,
                                         batch.cu_q, batch.max_q, False, None, False)
     return ops.decode_step(tokens, pos_in, pos_q, table, weights, cross, list(k_caches), list(v_caches), batch,
-                           c.n_head, eps, causal, c.mask_token_id, guidance)
+                           c.n_head, eps, causal, c.mask_token_id, guidance, getattr(_groups_switch, "enabled", True))
 
 
 def check_guidance(guidance: Optional[torch.Tensor], rows: int, device: torch.device) -> None:

@@ -72,11 +72,14 @@ _load_error = _load()
 _step_ops = _load_error is None and _registered(STEP_OPS)
 _whole_step = _step_ops and _registered((WHOLE_STEP_OP,))
 # A library built before the whole-step op took `guidance` serves steps without it.
-_guided_step = _whole_step and any(
-    arg.name == "guidance" for arg in torch.ops.arpg_cpu.decode_step.default._schema.arguments)
+_step_args = {arg.name for arg in torch.ops.arpg_cpu.decode_step.default._schema.arguments} if _whole_step else set()
+_guided_step = "guidance" in _step_args
+# A library built before `thread_groups` runs every step as one group.
+_grouped_step = "thread_groups" in _step_args
 
 
-def _decode_step_fake(tokens, pos_in, pos_q, rope_table, weights, cross_weights, *args, guidance=None):
+def _decode_step_fake(tokens, pos_in, pos_q, rope_table, weights, cross_weights, *args, guidance=None,
+                      thread_groups=True):
     rows = pos_q.shape[0] if cross_weights else tokens.shape[0]
     if guidance is not None or (len(args) > 13 and args[13] is not None):
         rows //= 2
@@ -288,13 +291,15 @@ def rope(x: Tensor, table: Tensor) -> Tensor:
 
 def decode_step(tokens: Tensor, pos_in: Tensor, pos_q: Tensor, rope_table: Tensor, weights, cross_weights, k_caches,
                 v_caches, batch, n_head: int, eps: float, causal: bool, mask_token_id: int,
-                guidance: Optional[Tensor] = None) -> Tensor:
+                guidance: Optional[Tensor] = None, thread_groups: bool = True) -> Tensor:
     """A whole decoding step of ARPG or the raster model as one op (`arpg.model.cpu_decode_step` builds the
     arguments). tokens, pos_in: int64 [T_in]; pos_q: int64 [T_q]; rope_table: float32 [P, D / 2, 2];
     weights: embedding, final norm, head, then 9 per self layer; cross_weights: the shared K/V's norm, to_k,
     to_v, then 7 per cross layer (empty: the raster model); k_caches, v_caches: one per cache layer; batch:
-    an `arpg.model.PagedBatch`; guidance: float32 [R / 2, 1] or None (`arpg.model.head_logits`). Returns
-    float32 logits [R, V] for the R = T_q rows (raster: T_in), [R / 2, V] guided with guidance."""
+    an `arpg.model.PagedBatch`; guidance: float32 [R / 2, 1] or None (`arpg.model.head_logits`);
+    thread_groups: run the layers in groups of sequences, one per thread (csrc/cpu/decode_step.cpp; rounded
+    as matmuls of fewer rows round), else as one group (a library built before the argument always does).
+    Returns float32 logits [R, V] for the R = T_q rows (raster: T_in), [R / 2, V] guided with guidance."""
     if guidance is not None and not _guided_step:
         raise RuntimeError("arpg: this build of arpg_kernels._cpu has no guidance argument in decode_step (rebuild)")
     args = (
@@ -302,5 +307,7 @@ def decode_step(tokens: Tensor, pos_in: Tensor, pos_q: Tensor, rope_table: Tenso
         batch.slot_mapping, batch.block_table, batch.kv_lens, batch.cu_in, batch.cu_q, int(batch.max_in),
         int(batch.max_q), int(n_head), float(eps), bool(causal), int(mask_token_id),
     )
-    # Without guidance, the call that a library built before `guidance` also takes.
+    if _grouped_step:
+        return torch.ops.arpg_cpu.decode_step(*args, guidance, bool(thread_groups))
+    # The call that a library built before `thread_groups` (and, without guidance, before `guidance`) takes.
     return torch.ops.arpg_cpu.decode_step(*args) if guidance is None else torch.ops.arpg_cpu.decode_step(*args, guidance)

@@ -430,11 +430,21 @@ def _whole_step_models(dtype):
     return models
 
 
+@pytest.fixture
+def one_group():
+    """The whole-step op as one group (`step_groups(False)`): its logits are the op-by-op path's bit for bit."""
+    from arpg.model import step_groups
+
+    with step_groups(False):
+        yield
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_whole_step_op_gives_the_logits_of_the_step_op_by_op(dtype, monkeypatch):
-    """arpg_cpu::decode_step runs the step-op path's ops in its order: the same logits bit for bit, for ARPG
-    (guidance, per-sample orders) and the raster model, and for an edit (known tokens fed causally at step
-    0) whose samples feed and predict different numbers of tokens (varlen rows)."""
+def test_whole_step_op_gives_the_logits_of_the_step_op_by_op(dtype, monkeypatch, one_group):
+    """arpg_cpu::decode_step run as one group runs the step-op path's ops in its order: the same logits bit for
+    bit, for ARPG (guidance, per-sample orders) and the raster model, and for an edit (known tokens fed causally
+    at step 0) whose samples feed and predict different numbers of tokens (varlen rows). (Thread groups round as
+    smaller matmuls do: test_whole_step_thread_groups_match_one_group.)"""
     from arpg.edit import inpaint
     from arpg.engine import Engine
     from arpg.model import whole_step
@@ -470,7 +480,55 @@ def test_whole_step_op_gives_the_logits_of_the_step_op_by_op(dtype, monkeypatch)
         assert torch.equal(got, inpaint(model, image, mask, labels, num_steps=4, cfg_scale=2.0, seed=[4, 5, 6]))
 
 
-def test_whole_step_op_only_where_it_applies(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_step_thread_groups_match_one_group(dtype):
+    """With two threads the op runs the layers in two groups of sequences, one per thread (the profiler sees every
+    step's attention on both): the logits are the one-group step's within rounding (its matmuls have fewer rows),
+    every step fed the same tokens (teacher_tokens), for ARPG with varlen plans (known tokens fed causally, other
+    counts per sample, a sample idle in the last steps) and for the raster model; guided sampling draws the same
+    tokens (a rounding moves a draw only for a uniform that close to a boundary)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from arpg.engine import Engine, make_plan
+    from arpg.model import step_groups
+
+    model, raster = _whole_step_models(dtype)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 3, 1])
+    teacher = torch.randint(0, 64, (3, 16), generator=g)
+    plans = []
+    for known, steps in ((list(range(5)), 4), ([], 5), (list(range(3, 12)), 2)):
+        order = [t for t in torch.randperm(16, generator=g).tolist() if t not in known]
+        plans.append(make_plan(16, steps, order, cfg_scale=2.5, known=known))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for m, kw in ((model, dict(num_steps=5)), (raster, {})):
+            engine = Engine(m, 6)
+            if m is model:
+                run = lambda: engine.run(plans, labels, teacher, use_cfg=True, return_logits=True,  # noqa: E731
+                                         teacher_tokens=teacher)
+            else:
+                run = lambda: engine.generate(labels, cfg_scale=2.5, return_logits=True,  # noqa: E731
+                                              teacher_tokens=teacher)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                got = run()
+            with step_groups(False):
+                want = run()
+            attention = [e for e in prof.events() if e.name == "arpg_cpu::paged_attention"]
+            assert len({e.thread for e in attention}) == 2
+            assert torch.equal(got[0], want[0]) and len(got[1]) == len(want[1])
+            for a, b in zip(got[1], want[1]):
+                torch.testing.assert_close(a, b, **tol)
+            tokens = engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw)
+            with step_groups(False):
+                assert torch.equal(tokens, engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw))
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_whole_step_op_only_where_it_applies(monkeypatch, one_group):
     from arpg import generate
     from arpg import model as arpg_model
     from arpg.model import step_fusions, whole_step
@@ -503,7 +561,7 @@ def test_whole_step_op_only_where_it_applies(monkeypatch):
     assert len(calls) == 3
 
 
-def test_whole_step_op_sees_replaced_and_updated_weights(monkeypatch):
+def test_whole_step_op_sees_replaced_and_updated_weights(monkeypatch, one_group):
     """The op's weight lists are kept per model: a parameter or layer set anew (also behind the registration
     hooks' back), layers reordered, a weight changed in place and a dtype conversion all show in the next step."""
     from arpg import generate
@@ -594,7 +652,7 @@ def test_whole_step_op_leaves_what_it_would_skip_to_the_modules(monkeypatch):
         engine.cache.free(seq_ids)
 
 
-def test_whole_step_op_on_a_larger_grid_and_with_no_queries():
+def test_whole_step_op_on_a_larger_grid_and_with_no_queries(one_group):
     """Resolution expansion (RoPE positions of a larger grid) matches the op-by-op step; a step with no query
     rows gives no logits."""
     from arpg.edit import expand
@@ -723,16 +781,21 @@ def test_a_library_without_guidance_in_the_op_guides_op_by_op(monkeypatch):
     model, _ = _whole_step_models(torch.float32)
     labels = torch.tensor([0, 1])
     want = generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
+    # Such a library has neither `guidance` nor `thread_groups` (added after it).
     monkeypatch.setattr(cpu, "_guided_step", False)
+    monkeypatch.setattr(cpu, "_grouped_step", False)
     assert cpu.decode_step_available() and not cpu.decode_step_available(guidance=True)
-    calls = []
-    real = cpu.decode_step
+    calls, op_args = [], []
+    real, real_op = cpu.decode_step, torch.ops.arpg_cpu.decode_step
     monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(a[13:]) or real(*a))
+    monkeypatch.setattr(torch.ops.arpg_cpu, "decode_step", lambda *a: op_args.append(len(a)) or real_op(*a))
+    # Guided op by op: tokens equal (the op's thread groups round otherwise only about 1e-7 of the logits).
     assert torch.equal(generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1), want)
     assert calls == []
     with guided_head(False):
         generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
-    assert calls == [(None,)] * 3  # the op's old call, which such a library takes
+    assert calls == [(None, True)] * 3
+    assert op_args == [19] * 3  # the op's old call, which such a library takes
     with pytest.raises(RuntimeError, match="no guidance argument"):
         real(*([None] * 13), torch.ones(1, 1))
 

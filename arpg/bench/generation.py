@@ -24,7 +24,7 @@ from arpg import model as arpg_model
 from arpg.config import ARPGConfig
 from arpg.eager import eager_generate
 from arpg.engine import Engine
-from arpg.model import GUIDED_HEAD, guided_head, step_fusions, whole_step
+from arpg.model import GUIDED_HEAD, guided_head, step_fusions, step_groups, whole_step
 
 from .common import Budget, Record, fmt, timing
 from .plot import STEP_PARTS
@@ -110,6 +110,14 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     # The same engine and ops with the step run op by op from Python, not as arpg_cpu::decode_step.
                     runs["arpg-engine-op-by-op"] = op_by_op
                     n_steps["arpg-engine-op-by-op"] = steps
+
+                    def one_group():
+                        with step_groups(False):
+                            return engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
+
+                    # The whole-step op as one group, every op on all threads, not one group of sequences per thread.
+                    runs["arpg-engine-one-group"] = one_group
+                    n_steps["arpg-engine-one-group"] = steps
                 if device.type in GUIDED_HEAD:
                     def logit_guidance():
                         with guided_head(False):
@@ -149,6 +157,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                         "arpg-engine": engine.cache.nbytes / 2**20,
                         "arpg-engine-unfused": engine.cache.nbytes / 2**20,
                         "arpg-engine-op-by-op": engine.cache.nbytes / 2**20,
+                        "arpg-engine-one-group": engine.cache.nbytes / 2**20,
                         "arpg-engine-logit-guidance": engine.cache.nbytes / 2**20,
                         "arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
                         "raster-engine": raster_engine.cache.nbytes / 2**20,
@@ -182,6 +191,12 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                                    / summary["arpg-engine-op-by-op"]["images_per_s"])
                     record.add("generation", "generate", "ratio", cfg, "ratio_whole-step/op-by-op", "x", ratio_whole)
                     summary.update(whole_step_vs_op_by_op=ratio_whole)
+                if "arpg-engine-one-group" in summary:
+                    ratio_groups = (summary["arpg-engine"]["images_per_s"]
+                                    / summary["arpg-engine-one-group"]["images_per_s"])
+                    record.add("generation", "generate", "ratio", cfg, "ratio_thread-groups/one-group", "x",
+                               ratio_groups)
+                    summary.update(thread_groups_vs_one_group=ratio_groups)
                 if "arpg-engine-logit-guidance" in summary:
                     ratio_guided = (summary["arpg-engine"]["images_per_s"]
                                     / summary["arpg-engine-logit-guidance"]["images_per_s"])
@@ -203,6 +218,8 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                        if "whole_step_vs_op_by_op" in summary else "")
                     + (f", head-guidance/logit-guidance {fmt(summary['head_guidance_vs_logit_guidance'])}x"
                        if "head_guidance_vs_logit_guidance" in summary else "")
+                    + (f", thread-groups/one-group {fmt(summary['thread_groups_vs_one_group'])}x"
+                       if "thread_groups_vs_one_group" in summary else "")
                 )
                 if progress is not None:
                     progress.update(1)
@@ -264,7 +281,9 @@ def step_breakdown(events, wall_s: float, steps: int) -> dict[str, float]:
 def profile_engine_step(record: Record, device: torch.device, name: str, batch: int, steps: int,
                         dtype: torch.dtype, cfg_scale: float = 4.0) -> dict[str, float]:
     """One profiled `Engine.generate` (after two warm-ups); records and returns `step_breakdown`, plus
-    the profiled and the unprofiled wall time per step (the profiler's own overhead shows as the gap)."""
+    the profiled and the unprofiled wall time per step (the profiler's own overhead shows as the gap). The
+    CPU's whole-step op runs as one group (`step_groups(False)`): its thread groups run ops on two threads at
+    once, and parts summed over threads would not add up to the wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     arpg_cfg, _ = _config(name)
@@ -272,7 +291,10 @@ def profile_engine_step(record: Record, device: torch.device, name: str, batch: 
     model = ARPG(arpg_cfg).to(device, dtype).eval()
     labels = torch.arange(batch, device=device) % arpg_cfg.num_classes
     engine = Engine(model, 2 * batch, use_cuda_graphs=True)
-    run = lambda: engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)  # noqa: E731
+    def run():
+        with step_groups(False):
+            return engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
+
     for _ in range(2):
         run()
     _sync(device)

@@ -247,7 +247,8 @@ def _step_profile_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         by_cfg[r["config"]][r["metric"][3:]] = float(r["median"])
     head = " | ".join(p.replace("_", " ") for p in STEP_PARTS)
-    lines = ["", "Engine step, host ms per step by part (torch.profiler; shares of the profiled step):\n",
+    lines = ["", "Engine step, host ms per step by part (torch.profiler; the CPU's whole-step op as one group; "
+                 "shares of the profiled step):\n",
              f"| model | steps | batch | step ms | profiled | {head} |", "|" + "---|" * (5 + len(STEP_PARTS))]
     for cfg, parts in by_cfg.items():
         c = json.loads(cfg)
