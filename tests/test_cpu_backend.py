@@ -481,12 +481,14 @@ def test_whole_step_op_gives_the_logits_of_the_step_op_by_op(dtype, monkeypatch,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_whole_step_thread_groups_match_one_group(dtype):
+def test_whole_step_thread_groups_match_one_group(dtype, monkeypatch):
     """With two threads the op runs the layers in two groups of sequences, one per thread (the profiler sees every
     step's attention on both): the logits are the one-group step's within rounding (its matmuls have fewer rows),
     every step fed the same tokens (teacher_tokens), for ARPG with varlen plans (known tokens fed causally, other
-    counts per sample, a sample idle in the last steps) and for the raster model; guided sampling draws the same
-    tokens (a rounding moves a draw only for a uniform that close to a boundary)."""
+    counts per sample, a sample idle in the last steps) and for the raster model. Guided steps: each step's guided
+    logits match the one-group op's on the same cache, where the groups hold whole conditional / unconditional
+    pairs (and mix the guidance and run the head) and where they cannot (one sample: the head runs after them);
+    guided sampling draws the same tokens (a rounding moves a draw only for a uniform that close to a boundary)."""
     from torch.profiler import ProfilerActivity, profile
 
     from arpg.engine import Engine, make_plan
@@ -499,7 +501,7 @@ def test_whole_step_thread_groups_match_one_group(dtype):
     plans = []
     for known, steps in ((list(range(5)), 4), ([], 5), (list(range(3, 12)), 2)):
         order = [t for t in torch.randperm(16, generator=g).tolist() if t not in known]
-        plans.append(make_plan(16, steps, order, cfg_scale=2.5, known=known))
+        plans.append(make_plan(16, steps, order, cfg_scale=2.5, cfg_schedule="linear", known=known))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -524,6 +526,23 @@ def test_whole_step_thread_groups_match_one_group(dtype):
             tokens = engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw)
             with step_groups(False):
                 assert torch.equal(tokens, engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw))
+            guided = []
+            with monkeypatch.context() as patch:
+                real = cpu.decode_step
+
+                def both(*a):
+                    got = real(*a)
+                    # Again as one group: rewrites this step's K/V, rounded as one group rounds them.
+                    torch.testing.assert_close(got, real(*a[:14], False), **tol)
+                    guided.append(a[13] is not None)
+                    return got
+
+                patch.setattr(cpu, "decode_step", both)
+                if m is model:
+                    engine.run(plans, labels, teacher, use_cfg=True, generator=[g] * 3)
+                engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw)
+                engine.generate(labels[:1], cfg_scale=2.5, seed=[1], **kw)
+            assert guided and all(guided)
     finally:
         torch.set_num_threads(prev)
 
@@ -657,7 +676,7 @@ def test_whole_step_op_on_a_larger_grid_and_with_no_queries(one_group):
     rows gives no logits."""
     from arpg.edit import expand
     from arpg.engine import Engine, generation_plans
-    from arpg.model import cpu_decode_step, whole_step
+    from arpg.model import cpu_decode_step, step_groups, whole_step
 
     model, _ = _whole_step_models(torch.float32)
     got = expand(model, torch.tensor([1, 2]), (5, 6), num_steps=4, cfg_scale=2.0, seed=[3, 4])
@@ -668,10 +687,12 @@ def test_whole_step_op_on_a_larger_grid_and_with_no_queries(one_group):
     try:
         inp, b = inputs[0], inputs[0].batch
         none = dataclasses.replace(b, cu_q=torch.zeros_like(b.cu_q), max_q=0)  # no sequence sends a query
-        with torch.inference_mode():
-            out = cpu_decode_step(model, model.layers.self_dec, model.class_ids(torch.tensor([0, 1])), inp.pos_in,
-                                  inp.pos_q[:0], model.rope_table("cpu"), engine.cache, none, False, model.layers)
-        assert out.shape == (0, model.config.vocab_size)
+        for groups in (False, True):  # one group (the fixture), and a group per thread, each with no query
+            with torch.inference_mode(), step_groups(groups):
+                out = cpu_decode_step(model, model.layers.self_dec, model.class_ids(torch.tensor([0, 1])),
+                                      inp.pos_in, inp.pos_q[:0], model.rope_table("cpu"), engine.cache, none, False,
+                                      model.layers)
+            assert out.shape == (0, model.config.vocab_size)
     finally:
         engine.cache.free(seq_ids)
 

@@ -5,10 +5,11 @@
 // decoding path with the step ops on (`arpg.model.step_ops`), called from C++. arpg/model.py's `cpu_decode_step`
 // builds the arguments and decides where it applies.
 //
-// With several threads the layers run in groups of sequences, one group per thread, each group's ops on its one
-// thread (a step's ops are tens of rows: two threads splitting each op wait for each other between ops, and MKL
-// runs these matmuls at about 90% of a core's peak on one thread). 2-core AMD EPYC, cpu-tiny, 64 steps: ARPG
-// steps 1.05-1.15x, raster steps 1.09-1.26x faster than one group on two threads.
+// With several threads the layers (and the head, where guidance does not mix rows of two groups) run in groups of
+// sequences, one group per thread, each group's ops on its one thread (a step's ops are tens of rows: two threads
+// splitting each op wait for each other between ops, and MKL runs these matmuls at about 90% of a core's peak on
+// one thread). 2-core AMD EPYC, cpu-tiny, 64 steps: ARPG steps 1.05-1.15x, raster steps 1.09-1.26x faster than one
+// group on two threads; the head in the groups another 1-2% (ARPG) and 3-5% (raster) at batches 4 and 16.
 //
 // The ops are called through the dispatcher, so torch.profiler still sees each of them (arpg-bench's step
 // breakdown) and each one keeps its own checks.
@@ -20,6 +21,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace arpg {
@@ -136,29 +138,57 @@ struct Step {
   Dims d;
 };
 
-// The layers and the final norm of sequences [b0, b1) of the step: the normalized rows of their logits, [T_q rows,
-// dim] (ARPG: the cross layers' output) or [T_in rows, dim] (raster: the self layers'). The whole batch (b0 = 0,
-// b1 = B) takes every row as given; a part of it the rows cu_in[b0]:cu_in[b1] (and cu_q[b0]:cu_q[b1]), which
-// Groups has checked are exactly those sequences' rows.
-Tensor Layers(const Step& s, int64_t b0, int64_t b1) {
+// The sequences of a group: [b0, b1), then their unconditional partners [p0, p1) (empty, p0 == p1, but for guided
+// steps whose rows pair up: Groups).
+struct Group {
+  int64_t b0, b1, p0, p1;
+};
+
+// Rows [cu[b0], cu[b1]) of t, then rows [cu[p0], cu[p1]) (a view where the second range is empty).
+Tensor TakeRows(const Tensor& t, const int32_t* cu, const Group& g) {
+  const Tensor first = t.narrow(0, cu[g.b0], cu[g.b1] - cu[g.b0]);
+  return g.p0 == g.p1 ? first : at::cat({first, t.narrow(0, cu[g.p0], cu[g.p1] - cu[g.p0])});
+}
+
+// Sequence rows [b0, b1) then [p0, p1) of t (block table, kv_lens).
+Tensor TakeSeqs(const Tensor& t, const Group& g) {
+  const Tensor first = t.narrow(0, g.b0, g.b1 - g.b0);
+  return g.p0 == g.p1 ? first : at::cat({first, t.narrow(0, g.p0, g.p1 - g.p0)});
+}
+
+// The prefix sums of the group's rows: int32 [sequences + 1] from 0.
+Tensor GroupCu(const int32_t* cu, const Group& g) {
+  Tensor out = at::empty({g.b1 - g.b0 + g.p1 - g.p0 + 1}, at::kInt);
+  int32_t* o = out.data_ptr<int32_t>();
+  int64_t i = 0;
+  o[0] = 0;
+  for (const auto& [lo, hi] : {std::pair{g.b0, g.b1}, std::pair{g.p0, g.p1}}) {
+    for (int64_t b = lo; b < hi; ++b, ++i) o[i + 1] = o[i] + cu[b + 1] - cu[b];
+  }
+  return out;
+}
+
+// The layers and the final norm of a group of the step's sequences: the normalized rows of their logits, [T_q rows,
+// dim] (ARPG: the cross layers' output) or [T_in rows, dim] (raster: the self layers'), the group's rows in its
+// order. The whole batch (g = {0, B, B, B}) takes every row as given; a part of it the rows cu_in[b0]:cu_in[b1]
+// (and cu_q[b0]:cu_q[b1]), then the partners', which Groups has checked are exactly those sequences' rows.
+Tensor Layers(const Step& s, const Group& g) {
   Tensor tokens = s.tokens, rope_in = s.rope_in, rope_q = s.rope_q, slots = s.slots, bt = s.block_table,
          lens = s.kv_lens, cu_in = s.cu_in, cu_q = s.cu_q;
   int64_t rows_q = s.pos_q.size(0);
-  if (b0 != 0 || b1 != s.block_table.size(0)) {
+  if (g.b0 != 0 || g.b1 != s.block_table.size(0)) {
     const int32_t* ci = s.cu_in.data_ptr<int32_t>();
-    const int64_t i0 = ci[b0], i1 = ci[b1];
-    tokens = tokens.narrow(0, i0, i1 - i0);
-    rope_in = rope_in.narrow(0, i0, i1 - i0);
-    slots = slots.narrow(0, i0, i1 - i0);
-    bt = bt.narrow(0, b0, b1 - b0);
-    lens = lens.narrow(0, b0, b1 - b0);
-    cu_in = at::sub(s.cu_in.narrow(0, b0, b1 - b0 + 1), i0);
+    tokens = TakeRows(tokens, ci, g);
+    rope_in = TakeRows(rope_in, ci, g);
+    slots = TakeRows(slots, ci, g);
+    bt = TakeSeqs(bt, g);
+    lens = TakeSeqs(lens, g);
+    cu_in = GroupCu(ci, g);
     if (s.arpg) {
       const int32_t* cq = s.cu_q.data_ptr<int32_t>();
-      const int64_t q0 = cq[b0], q1 = cq[b1];
-      rope_q = rope_q.narrow(0, q0, q1 - q0);
-      cu_q = at::sub(s.cu_q.narrow(0, b0, b1 - b0 + 1), q0);
-      rows_q = q1 - q0;
+      rope_q = TakeRows(rope_q, cq, g);
+      cu_q = GroupCu(cq, g);
+      rows_q = rope_q.size(0);
     }
   }
   const Dims& d = s.d;
@@ -185,41 +215,77 @@ Tensor Layers(const Step& s, int64_t b0, int64_t b1) {
   return RmsNorm(x, s.weights[1], d.eps);
 }
 
-// Sequence bounds [0, b_1, ..., B] of the groups the step runs in, one group per thread, about equal in rows; a
-// single group without thread_groups, inside a parallel region, on one thread, for one sequence, or when the rows
-// are not exactly the sequences' in order (cu_in from 0 to T_in, non-decreasing; cu_q likewise for ARPG), where
-// the step runs as one op sequence over every row, as given.
-std::vector<int64_t> Groups(const Step& s, bool thread_groups) {
+// Float32 logits of normalized rows h [R, dim]; with guidance (float32 [R / 2, 1]) the guided logits [R / 2, V] of
+// the first R / 2 rows (conditional) and the rest (their unconditional partners, in the same order), mixed before
+// the head.
+Tensor Logits(const Tensor& h, const Tensor& head, const Tensor* guidance) {
+  if (guidance == nullptr) return at::linear(h, head).to(at::kFloat);
+  const int64_t half = h.size(0) / 2;
+  const Tensor hf = h.to(at::kFloat);
+  const Tensor c = hf.narrow(0, 0, half), u = hf.narrow(0, half, half);
+  // arpg.sampling.guide's expression and order
+  return at::linear(at::add(u, at::mul(at::sub(c, u), *guidance)).to(h.scalar_type()), head).to(at::kFloat);
+}
+
+// Prefix sums cu [seqs + 1] that are exactly the rows [0, total) in order: from 0, non-decreasing.
+bool CoversRows(const Tensor& cu, int64_t seqs, int64_t total) {
+  if (cu.scalar_type() != at::kInt || cu.dim() != 1 || cu.numel() != seqs + 1) return false;
+  const int32_t* c = cu.data_ptr<int32_t>();
+  if (c[0] != 0 || c[seqs] != total) return false;
+  for (int64_t b = 0; b < seqs; ++b) {
+    if (c[b + 1] < c[b]) return false;
+  }
+  return true;
+}
+
+// The groups the step runs in, one per thread, about equal in rows. Under guidance whose rows pair up by sequence
+// (B even; sequence b + B / 2 is b's unconditional partner, with as many rows of logits) a group takes sequences
+// [b0, b1) and their partners, and also mixes the guidance and runs the head (paired = true); else a group is a
+// range of sequences. One group, the whole batch, without thread_groups, inside a parallel region, on one thread,
+// for one sequence, or when the rows are not exactly the sequences' in order (cu_in from 0 to T_in, non-decreasing;
+// cu_q likewise for ARPG): then the step runs as one op sequence over every row, as given.
+std::vector<Group> Groups(const Step& s, bool thread_groups, bool guided, bool& paired) {
   const int64_t seqs = s.block_table.size(0);
-  const int64_t n = std::min<int64_t>(!thread_groups || at::in_parallel_region() ? 1 : at::get_num_threads(), seqs);
-  const std::vector<int64_t> one{0, seqs};
-  if (n <= 1) return one;
-  const Tensor* cus[] = {&s.cu_in, s.arpg ? &s.cu_q : nullptr};
-  const int64_t totals[] = {s.tokens.size(0), s.pos_q.size(0)};
-  std::vector<int64_t> weight(seqs, 1);
-  for (int k = 0; k < 2; ++k) {
-    if (cus[k] == nullptr) continue;
-    const Tensor& cu = *cus[k];
-    if (cu.scalar_type() != at::kInt || cu.dim() != 1 || cu.numel() != seqs + 1) return one;
-    const int32_t* c = cu.data_ptr<int32_t>();
-    if (c[0] != 0 || c[seqs] != totals[k]) return one;
-    for (int64_t b = 0; b < seqs; ++b) {
-      if (c[b + 1] < c[b]) return one;
-      weight[b] += c[b + 1] - c[b];
-    }
+  const int64_t threads = !thread_groups || at::in_parallel_region() ? 1 : at::get_num_threads();
+  const std::vector<Group> one{{0, seqs, seqs, seqs}};
+  paired = false;
+  if (std::min(threads, seqs) <= 1 || !CoversRows(s.cu_in, seqs, s.tokens.size(0)) ||
+      (s.arpg && !CoversRows(s.cu_q, seqs, s.pos_q.size(0)))) {
+    return one;
   }
+  const int32_t* ci = s.cu_in.data_ptr<int32_t>();
+  const int32_t* cq = s.arpg ? s.cu_q.data_ptr<int32_t>() : nullptr;
+  const int32_t* out = s.arpg ? cq : ci;  // the rows of logits
+  const int64_t half = seqs / 2;
+  paired = guided && seqs % 2 == 0 && half >= 2;
+  for (int64_t b = 0; paired && b < half; ++b) {
+    paired = out[b + 1] - out[b] == out[half + b + 1] - out[half + b];
+  }
+  // Units: single sequences, or pairs (b, b + B / 2); a unit's weight is its rows (at least 1).
+  const int64_t units = paired ? half : seqs;
+  const int64_t n = std::min(threads, units);
+  std::vector<int64_t> weight(units);
   int64_t total = 0;
-  for (int64_t w : weight) total += w;
-  std::vector<int64_t> bounds{0};
-  int64_t acc = 0, b = 0;
-  for (int64_t g = 1; g < n; ++g) {
-    const int64_t target = total * g / n;
-    // At least one sequence in this group and in each one after it.
-    while (b < seqs - (n - g) && (b == bounds.back() || 2 * acc + weight[b] <= 2 * target)) acc += weight[b++];
-    bounds.push_back(b);
+  for (int64_t u = 0; u < units; ++u) {
+    weight[u] = 1 + ci[u + 1] - ci[u] + (cq ? cq[u + 1] - cq[u] : 0);
+    if (paired) weight[u] += ci[half + u + 1] - ci[half + u] + (cq ? cq[half + u + 1] - cq[half + u] : 0);
+    total += weight[u];
   }
-  bounds.push_back(seqs);
-  return bounds;
+  std::vector<int64_t> bounds{0};
+  int64_t acc = 0, u = 0;
+  for (int64_t k = 1; k < n; ++k) {
+    const int64_t target = total * k / n;
+    // At least one unit in this group and in each one after it.
+    while (u < units - (n - k) && (u == bounds.back() || 2 * acc + weight[u] <= 2 * target)) acc += weight[u++];
+    bounds.push_back(u);
+  }
+  bounds.push_back(units);
+  std::vector<Group> groups;
+  for (size_t k = 0; k + 1 < bounds.size(); ++k) {
+    const int64_t b0 = bounds[k], b1 = bounds[k + 1];
+    groups.push_back(paired ? Group{b0, b1, half + b0, half + b1} : Group{b0, b1, b1, b1});
+  }
+  return groups;
 }
 
 // tokens, pos_in: int64 [T_in]; pos_q: int64 [T_q] (ARPG; unused by the raster model); rope_table: float32
@@ -230,7 +296,7 @@ std::vector<int64_t> Groups(const Step& s, bool thread_groups) {
 // unconditional partners: the guided logits are made from the rows' normalized hidden states mixed before the
 // head, u + (c - u) * scale in float (arpg.model.head_logits; the head is linear without a bias, so this is the
 // original's mixing of the logits, rounded otherwise, at half the head's work).
-// thread_groups: run the layers in groups of sequences, one group per thread (Groups); each sequence's rows then go
+// thread_groups: run the step in groups of sequences, one group per thread (Groups); each sequence's rows then go
 // through matmuls of fewer rows, which MKL rounds differently from the one-group step (float32: about 1e-7 of the
 // values apart, as between batch sizes). False: one group, the op-by-op path's logits bit for bit.
 // Returns float32 logits [T_q, V] (ARPG) or [T_in, V] (raster), [R / 2, V] with guidance.
@@ -288,32 +354,35 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
                   max_in,        max_q,          causal,
                   mask_token_id, n_self,         n_cross,
                   arpg,          d};
-  const std::vector<int64_t> bounds = Groups(step, thread_groups);
-  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
-  Tensor x;
-  if (groups <= 1) {
-    x = Layers(step, 0, step.block_table.size(0));
-  } else {
-    // One group of sequences per thread, each on one thread: its ops are small (tens of rows), and one thread per
-    // op of them runs the matmuls at about 1.5x the FLOP rate of two threads splitting each op, with no wait for
-    // the other thread between ops. A sequence's rows are the same wherever it runs (row-wise ops, attention
-    // within the sequence), and the groups write disjoint rows of the caches (their own sequences' slots).
-    std::vector<Tensor> parts(groups);
-    const at::ThreadLocalState state;  // grad mode and the dispatch keys above, in the pool's threads too
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      const at::ThreadLocalStateGuard guard(state);
-      for (int64_t g = begin; g < end; ++g) parts[g] = Layers(step, bounds[g], bounds[g + 1]);
-    });
-    x = at::cat(parts);
-  }
-  Tensor h = std::move(x);
-  if (guidance.has_value()) {
-    const Tensor& g = *guidance;
-    const Tensor hf = h.to(at::kFloat);
-    const Tensor c = hf.narrow(0, 0, rows / 2), u = hf.narrow(0, rows / 2, rows / 2);
-    h = at::add(u, at::mul(at::sub(c, u), g)).to(h.scalar_type());  // arpg.sampling.guide's expression and order
-  }
-  return at::linear(h, weights[2]).to(at::kFloat);
+  const Tensor* g = guidance.has_value() ? &*guidance : nullptr;
+  bool paired = false;
+  const std::vector<Group> groups = Groups(step, thread_groups, g != nullptr, paired);
+  if (groups.size() == 1) return Logits(Layers(step, groups[0]), weights[2], g);
+  // One group of sequences per thread, each on one thread: its ops are small (tens of rows), and one thread per op
+  // of them runs the matmuls at about 1.5x the FLOP rate of two threads splitting each op, with no wait for the
+  // other thread between ops. A sequence's rows are the same wherever it runs (row-wise ops, attention within the
+  // sequence), and the groups write disjoint rows of the caches (their own sequences' slots). The groups also run
+  // the head, unless guidance mixes rows of two groups: paired groups mix it, their guided rows being the
+  // conditional rows cu[b0]:cu[b1], in order.
+  const bool head_in_groups = g == nullptr || paired;
+  const int32_t* out_cu = (arpg ? step.cu_q : step.cu_in).data_ptr<int32_t>();
+  std::vector<Tensor> parts(groups.size());
+  const at::ThreadLocalState state;  // grad mode and the dispatch keys above, in the pool's threads too
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t k = begin; k < end; ++k) {
+      const Group& gr = groups[k];
+      Tensor h = Layers(step, gr);
+      if (paired) {
+        const Tensor scales = g->narrow(0, out_cu[gr.b0], out_cu[gr.b1] - out_cu[gr.b0]);
+        h = Logits(h, weights[2], &scales);
+      } else if (head_in_groups) {
+        h = Logits(h, weights[2], nullptr);
+      }
+      parts[k] = std::move(h);
+    }
+  });
+  return head_in_groups ? at::cat(parts) : Logits(at::cat(parts), weights[2], g);
 }
 
 }  // namespace
