@@ -140,10 +140,11 @@ def whole_step(enabled: bool):
 
 
 def step_groups(enabled: bool):
-    """Turn the CPU's whole-step op's thread groups (`arpg_cpu::decode_step`'s `thread_groups`: the layers of a
-    group of sequences per thread, each group on its one thread) on or off in this thread until the block ends.
-    Off, a step runs as one group with every op on all threads, and its logits are the op-by-op path's bit for
-    bit; on (the default), rounded as matmuls of fewer rows round (float32: about 1e-7 of the values apart)."""
+    """Turn the CPU's whole-step op's thread groups (`arpg_cpu::decode_step`'s `thread_groups`: the layers and
+    the head of a group of sequences per thread, each group on its one thread; for models of up to 16 MiB of
+    weights, which every group reads) on or off in this thread until the block ends. Off, a step runs as one
+    group with every op on all threads, and its logits are the op-by-op path's bit for bit; on (the default),
+    rounded as matmuls of fewer rows round (float32: about 1e-7 of the values apart)."""
     return _thread_switch(_groups_switch, enabled)
 
 

@@ -547,6 +547,34 @@ def test_whole_step_thread_groups_match_one_group(dtype, monkeypatch):
         torch.set_num_threads(prev)
 
 
+def test_whole_step_thread_groups_only_for_weights_the_caches_hold():
+    """Every group reads every weight: a model over 16 MiB of weights runs each step as one group (the profiler
+    sees its attention on one thread), and its logits are the op-by-op path's bit for bit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from arpg.config import ARPGConfig
+    from arpg.engine import Engine
+    from arpg.model import ARPG, whole_step
+
+    cfg = ARPGConfig(dim=256, n_layer=8, n_head=4, vocab_size=4096, num_classes=4, grid_size=4)
+    model = ARPG(cfg).eval()
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) > 16 << 20
+    labels = torch.tensor([0, 3])
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine(model, 4)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = engine.generate(labels, 3, cfg_scale=2.0, seed=[1, 2], return_logits=True)
+        with whole_step(False):
+            want = engine.generate(labels, 3, cfg_scale=2.0, seed=[1, 2], return_logits=True)
+    finally:
+        torch.set_num_threads(prev)
+    attention = [e for e in prof.events() if e.name == "arpg_cpu::paged_attention"]
+    assert attention and len({e.thread for e in attention}) == 1
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
 def test_whole_step_op_only_where_it_applies(monkeypatch, one_group):
     from arpg import generate
     from arpg import model as arpg_model
