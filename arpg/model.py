@@ -230,9 +230,10 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
                     guidance: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """A whole decoding step as one op, `arpg_cpu::decode_step` (csrc/cpu/decode_step.cpp): the ops of the
     step-op path (`step_ops`, RoPE inside the append) in the same order, called from C++. On a CPU a step's
-    host time is mostly Python between its ops. With several threads the op runs the layers in groups of
-    sequences, one per thread, rounded as matmuls of fewer rows round; with `step_groups(False)` (or one
-    thread) as one group, the logits of the step op by op bit for bit. Returns None where it
+    host time is mostly Python between its ops. With several threads the op runs the layers and the head in
+    groups of sequences, one per thread, rounded as matmuls of fewer rows round; as one group (with
+    `step_groups(False)`, one thread, one sequence, or over 16 MiB of weights) it gives the logits of the step
+    op by op bit for bit. Returns None where it
     does not apply (then the caller runs the step op by op): outside `step_ops`' conditions (autograd
     included: any weight that requires grad while grad is on), with `whole_step(False)`, without RoPE inside
     the append (`FUSED_ROPE_APPEND`), with a library built before the op, with weights of mixed dtypes or

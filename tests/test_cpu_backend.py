@@ -480,6 +480,11 @@ def test_whole_step_op_gives_the_logits_of_the_step_op_by_op(dtype, monkeypatch,
         assert torch.equal(got, inpaint(model, image, mask, labels, num_steps=4, cfg_scale=2.0, seed=[4, 5, 6]))
 
 
+def _threads(prof, name: str) -> int:
+    """The number of threads on which torch.profiler saw ops called `name`."""
+    return len({e.thread for e in prof.events() if e.name == name})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_whole_step_thread_groups_match_one_group(dtype, monkeypatch):
     """With two threads the op runs the layers in two groups of sequences, one per thread (the profiler sees every
@@ -514,35 +519,42 @@ def test_whole_step_thread_groups_match_one_group(dtype, monkeypatch):
             else:
                 run = lambda: engine.generate(labels, cfg_scale=2.5, return_logits=True,  # noqa: E731
                                               teacher_tokens=teacher)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU]) as grouped:
                 got = run()
-            with step_groups(False):
+            with profile(activities=[ProfilerActivity.CPU]) as one, step_groups(False):
                 want = run()
-            attention = [e for e in prof.events() if e.name == "arpg_cpu::paged_attention"]
-            assert len({e.thread for e in attention}) == 2
-            assert torch.equal(got[0], want[0]) and len(got[1]) == len(want[1])
+            assert _threads(grouped, "arpg_cpu::paged_attention") == 2
+            assert _threads(one, "arpg_cpu::paged_attention") == 1
+            assert len(got[1]) == len(want[1]) > 0
             for a, b in zip(got[1], want[1]):
                 torch.testing.assert_close(a, b, **tol)
             tokens = engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw)
             with step_groups(False):
                 assert torch.equal(tokens, engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw))
-            guided = []
+            calls = []
             with monkeypatch.context() as patch:
                 real = cpu.decode_step
 
                 def both(*a):
-                    got = real(*a)
+                    with profile(activities=[ProfilerActivity.CPU]) as grouped:
+                        got = real(*a)
                     # Again as one group: rewrites this step's K/V, rounded as one group rounds them.
-                    torch.testing.assert_close(got, real(*a[:14], False), **tol)
-                    guided.append(a[13] is not None)
+                    with profile(activities=[ProfilerActivity.CPU]) as one:
+                        torch.testing.assert_close(got, real(*a[:14], False), **tol)
+                    # The guidance's mix (aten::sub, only there): in both groups where they hold whole pairs.
+                    calls.append((samples, a[13] is not None, _threads(grouped, "arpg_cpu::paged_attention"),
+                                  _threads(one, "arpg_cpu::paged_attention"), _threads(grouped, "aten::sub")))
                     return got
 
                 patch.setattr(cpu, "decode_step", both)
+                samples = 3
                 if m is model:
                     engine.run(plans, labels, teacher, use_cfg=True, generator=[g] * 3)
                 engine.generate(labels, cfg_scale=2.5, seed=[1, 2, 3], **kw)
+                samples = 1
                 engine.generate(labels[:1], cfg_scale=2.5, seed=[1], **kw)
-            assert guided and all(guided)
+            assert {n for n, *_ in calls} == {1, 3}
+            assert all(c == [True, 2, 1, 2 if n == 3 else 1] for n, *c in calls), calls
     finally:
         torch.set_num_threads(prev)
 
@@ -570,9 +582,8 @@ def test_whole_step_thread_groups_only_for_weights_the_caches_hold():
             want = engine.generate(labels, 3, cfg_scale=2.0, seed=[1, 2], return_logits=True)
     finally:
         torch.set_num_threads(prev)
-    attention = [e for e in prof.events() if e.name == "arpg_cpu::paged_attention"]
-    assert attention and len({e.thread for e in attention}) == 1
-    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    assert _threads(prof, "arpg_cpu::paged_attention") == 1
+    assert len(got[1]) == len(want[1]) == 3 and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
 def test_whole_step_op_only_where_it_applies(monkeypatch, one_group):
@@ -702,6 +713,8 @@ def test_whole_step_op_leaves_what_it_would_skip_to_the_modules(monkeypatch):
 def test_whole_step_op_on_a_larger_grid_and_with_no_queries(one_group):
     """Resolution expansion (RoPE positions of a larger grid) matches the op-by-op step; a step with no query
     rows gives no logits."""
+    from torch.profiler import ProfilerActivity, profile
+
     from arpg.edit import expand
     from arpg.engine import Engine, generation_plans
     from arpg.model import cpu_decode_step, step_groups, whole_step
@@ -715,12 +728,18 @@ def test_whole_step_op_on_a_larger_grid_and_with_no_queries(one_group):
     try:
         inp, b = inputs[0], inputs[0].batch
         none = dataclasses.replace(b, cu_q=torch.zeros_like(b.cu_q), max_q=0)  # no sequence sends a query
-        for groups in (False, True):  # one group (the fixture), and a group per thread, each with no query
-            with torch.inference_mode(), step_groups(groups):
-                out = cpu_decode_step(model, model.layers.self_dec, model.class_ids(torch.tensor([0, 1])),
-                                      inp.pos_in, inp.pos_q[:0], model.rope_table("cpu"), engine.cache, none, False,
-                                      model.layers)
-            assert out.shape == (0, model.config.vocab_size)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            for groups in (1, 2):  # one group (the fixture), and a group per thread, each with no query
+                with torch.inference_mode(), step_groups(groups == 2), profile(activities=[ProfilerActivity.CPU]) as p:
+                    out = cpu_decode_step(model, model.layers.self_dec, model.class_ids(torch.tensor([0, 1])),
+                                          inp.pos_in, inp.pos_q[:0], model.rope_table("cpu"), engine.cache, none,
+                                          False, model.layers)
+                assert out.shape == (0, model.config.vocab_size)
+                assert _threads(p, "arpg_cpu::paged_attention") == groups
+        finally:
+            torch.set_num_threads(prev)
     finally:
         engine.cache.free(seq_ids)
 
@@ -822,7 +841,7 @@ def test_whole_step_op_opcheck():
         engine.cache.free(seq_ids)
 
 
-def test_a_library_without_guidance_in_the_op_guides_op_by_op(monkeypatch):
+def test_a_library_without_guidance_in_the_op_guides_op_by_op(monkeypatch, one_group):
     from arpg import generate
     from arpg.model import guided_head
 
@@ -838,12 +857,11 @@ def test_a_library_without_guidance_in_the_op_guides_op_by_op(monkeypatch):
     real, real_op = cpu.decode_step, torch.ops.arpg_cpu.decode_step
     monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(a[13:]) or real(*a))
     monkeypatch.setattr(torch.ops.arpg_cpu, "decode_step", lambda *a: op_args.append(len(a)) or real_op(*a))
-    # Guided op by op: tokens equal (the op's thread groups round otherwise only about 1e-7 of the logits).
-    assert torch.equal(generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1), want)
+    assert torch.equal(generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1), want)  # guided op by op
     assert calls == []
     with guided_head(False):
         generate(model, labels, num_steps=3, cfg_scale=2.0, seed=1)
-    assert calls == [(None, True)] * 3
+    assert calls == [(None, False)] * 3  # the switch (one group, the fixture), which such a library never sees
     assert op_args == [19] * 3  # the op's old call, which such a library takes
     with pytest.raises(RuntimeError, match="no guidance argument"):
         real(*([None] * 13), torch.ones(1, 1))

@@ -238,8 +238,9 @@ bool CoversRows(const Tensor& cu, int64_t seqs, int64_t total) {
   return true;
 }
 
-// Every group reads every weight, from its own core: groups only for weights up to this size, which the caches
-// hold (the project's 2-core EPYC: 1 MiB of L2 per core, 32 MiB of L3; cpu-tiny is 4.1 MiB). A larger model's step
+// Every group reads every weight, from its own core: groups only for weights up to this size, which the caches can
+// hold (the project's 2-core EPYC: 1 MiB of L2 per core, 32 MiB of L3; cpu-tiny is 4.1 MiB). A rough measure: the
+// embedding counts in full, though a step reads a few of its rows. A larger model's step
 // runs as one group, each product split over the threads and each weight read once, as before the groups.
 constexpr int64_t kGroupWeightBytes = int64_t{16} << 20;
 
@@ -376,7 +377,10 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
   // One group of sequences per thread, each on one thread: its ops are small (tens of rows), and one thread per op
   // of them runs the matmuls at about 1.5x the FLOP rate of two threads splitting each op, with no wait for the
   // other thread between ops. A sequence's rows are the same wherever it runs (row-wise ops, attention within the
-  // sequence), and the groups write disjoint rows of the caches (their own sequences' slots). The groups also run
+  // sequence), and the groups write disjoint rows of the caches: each sequence its own slots (arpg_kernels'
+  // PagedKVCache gives a sequence that would append to a shared page its own copy first; a caller whose
+  // slot_mapping sends rows of sequences in two groups to one slot gets either row there, where one group keeps
+  // the later one). The groups also run
   // the head, unless guidance mixes rows of two groups: paired groups mix it, their guided rows being the
   // conditional rows cu[b0]:cu[b1], in order.
   const bool head_in_groups = g == nullptr || paired;
