@@ -34,6 +34,13 @@ CPU_CONFIG = ARPGConfig(dim=128, n_layer=4, n_head=2, vocab_size=1024, num_class
 
 GPU_GRID = dict(models=["ARPG-L", "ARPG-XL", "ARPG-XXL"], steps=[32, 64], batches=[1, 16, 64, 256])
 CPU_GRID = dict(models=["cpu-tiny"], steps=[32, 64], batches=[1, 4, 16])
+# The engine against its variants where they ran: (provider, ratio metric, summary key), the engine's images/s over
+# the variant's.
+ENGINE_VARIANT_RATIOS = (
+    ("arpg-engine-op-by-op", "whole-step/op-by-op", "whole_step_vs_op_by_op"),
+    ("arpg-engine-one-group", "thread-groups/one-group", "thread_groups_vs_one_group"),
+    ("arpg-engine-logit-guidance", "head-guidance/logit-guidance", "head_guidance_vs_logit_guidance"),
+)
 SHORT_GRID = dict(models=["ARPG-L"], steps=[64], batches=[64])  # a borrowed GPU's minutes: the headline point
 
 # One generation takes up to seconds (raster on a CPU: 256 steps, 2-7 s), so each provider gets at least
@@ -152,16 +159,10 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                         times[key].append(time.perf_counter() - t0)
                         if device.type == "cuda":
                             peaks[key] = torch.cuda.max_memory_allocated(device) / 2**20
-                if device.type != "cuda":
-                    peaks = {
-                        "arpg-engine": engine.cache.nbytes / 2**20,
-                        "arpg-engine-unfused": engine.cache.nbytes / 2**20,
-                        "arpg-engine-op-by-op": engine.cache.nbytes / 2**20,
-                        "arpg-engine-one-group": engine.cache.nbytes / 2**20,
-                        "arpg-engine-logit-guidance": engine.cache.nbytes / 2**20,
-                        "arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
-                        "raster-engine": raster_engine.cache.nbytes / 2**20,
-                    }
+                if device.type != "cuda":  # the K/V each holds; every arpg-engine* provider runs on `engine`
+                    peaks = {key: engine.cache.nbytes / 2**20 for key in runs if key.startswith("arpg-engine")}
+                    peaks.update({"arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
+                                  "raster-engine": raster_engine.cache.nbytes / 2**20})
                 cfg = {"model": name, "steps": steps, "batch": batch, "cfg_scale": cfg_scale,
                        "dtype": str(dtype).replace("torch.", ""), "weights_mib": round(weights / 2**20, 1)}
                 summary = {"config": cfg}
@@ -186,23 +187,12 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 ratio_fused = summary["arpg-engine"]["images_per_s"] / summary["arpg-engine-unfused"]["images_per_s"]
                 record.add("generation", "generate", "ratio", cfg, "ratio_fused/unfused", "x", ratio_fused)
                 summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster, fused_vs_unfused=ratio_fused)
-                if "arpg-engine-op-by-op" in summary:
-                    ratio_whole = (summary["arpg-engine"]["images_per_s"]
-                                   / summary["arpg-engine-op-by-op"]["images_per_s"])
-                    record.add("generation", "generate", "ratio", cfg, "ratio_whole-step/op-by-op", "x", ratio_whole)
-                    summary.update(whole_step_vs_op_by_op=ratio_whole)
-                if "arpg-engine-one-group" in summary:
-                    ratio_groups = (summary["arpg-engine"]["images_per_s"]
-                                    / summary["arpg-engine-one-group"]["images_per_s"])
-                    record.add("generation", "generate", "ratio", cfg, "ratio_thread-groups/one-group", "x",
-                               ratio_groups)
-                    summary.update(thread_groups_vs_one_group=ratio_groups)
-                if "arpg-engine-logit-guidance" in summary:
-                    ratio_guided = (summary["arpg-engine"]["images_per_s"]
-                                    / summary["arpg-engine-logit-guidance"]["images_per_s"])
-                    record.add("generation", "generate", "ratio", cfg, "ratio_head-guidance/logit-guidance", "x",
-                               ratio_guided)
-                    summary.update(head_guidance_vs_logit_guidance=ratio_guided)
+                extra = []  # the engine against each of its variants that ran
+                for provider, ratio, key in ENGINE_VARIANT_RATIOS:
+                    if provider in summary:
+                        summary[key] = summary["arpg-engine"]["images_per_s"] / summary[provider]["images_per_s"]
+                        record.add("generation", "generate", "ratio", cfg, f"ratio_{ratio}", "x", summary[key])
+                        extra.append(f", {ratio} {fmt(summary[key])}x")
                 if "arpg-engine-triton" in summary:
                     ratio_triton = summary["arpg-engine-triton"]["images_per_s"] / summary["arpg-engine"]["images_per_s"]
                     record.add("generation", "generate", "ratio", cfg, "ratio_all-triton/auto", "x", ratio_triton)
@@ -213,13 +203,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     f"  {name} {steps} steps batch {batch}: engine {ips['arpg-engine']} img/s, "
                     f"eager {ips['arpg-eager']}, raster {ips['raster-engine']}; "
                     f"engine/eager {fmt(ratio_eager)}x, ARPG/raster {fmt(ratio_raster)}x, fused/unfused step ops "
-                    f"{fmt(ratio_fused)}x"
-                    + (f", whole-step/op-by-op {fmt(summary['whole_step_vs_op_by_op'])}x"
-                       if "whole_step_vs_op_by_op" in summary else "")
-                    + (f", head-guidance/logit-guidance {fmt(summary['head_guidance_vs_logit_guidance'])}x"
-                       if "head_guidance_vs_logit_guidance" in summary else "")
-                    + (f", thread-groups/one-group {fmt(summary['thread_groups_vs_one_group'])}x"
-                       if "thread_groups_vs_one_group" in summary else "")
+                    f"{fmt(ratio_fused)}x" + "".join(extra)
                 )
                 if progress is not None:
                     progress.update(1)

@@ -144,17 +144,19 @@ struct Group {
   int64_t b0, b1, p0, p1;
 };
 
-// Rows [cu[b0], cu[b1]) of t, then rows [cu[p0], cu[p1]) (a view where the second range is empty).
-Tensor TakeRows(const Tensor& t, const int32_t* cu, const Group& g) {
-  const Tensor first = t.narrow(0, cu[g.b0], cu[g.b1] - cu[g.b0]);
-  return g.p0 == g.p1 ? first : at::cat({first, t.narrow(0, cu[g.p0], cu[g.p1] - cu[g.p0])});
+// Rows [a0, a1) of t, then rows [c0, c1) (a view where the second range is empty).
+Tensor TakeRanges(const Tensor& t, int64_t a0, int64_t a1, int64_t c0, int64_t c1) {
+  const Tensor first = t.narrow(0, a0, a1 - a0);
+  return c0 == c1 ? first : at::cat({first, t.narrow(0, c0, c1 - c0)});
 }
 
-// Sequence rows [b0, b1) then [p0, p1) of t (block table, kv_lens).
-Tensor TakeSeqs(const Tensor& t, const Group& g) {
-  const Tensor first = t.narrow(0, g.b0, g.b1 - g.b0);
-  return g.p0 == g.p1 ? first : at::cat({first, t.narrow(0, g.p0, g.p1 - g.p0)});
+// The group's rows of a packed tensor t, whose sequence b owns rows cu[b]:cu[b + 1].
+Tensor TakeRows(const Tensor& t, const int32_t* cu, const Group& g) {
+  return TakeRanges(t, cu[g.b0], cu[g.b1], cu[g.p0], cu[g.p1]);
 }
+
+// The group's rows of a per-sequence tensor t (block table, kv_lens).
+Tensor TakeSeqs(const Tensor& t, const Group& g) { return TakeRanges(t, g.b0, g.b1, g.p0, g.p1); }
 
 // The prefix sums of the group's rows: int32 [sequences + 1] from 0.
 Tensor GroupCu(const int32_t* cu, const Group& g) {
