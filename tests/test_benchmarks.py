@@ -230,3 +230,58 @@ def test_training_benchmark_writes_a_record(tmp_path, monkeypatch):
     assert {int(json.loads(r["config"])["steps"]) for r in rows} == {4}  # the warm-up's 2 steps left out
     summary = plot.summary_markdown(rows)
     assert "## Training" in summary and "| arpg.train |" in summary
+
+
+def test_bound_counts_every_product_once_and_groups_as_the_op_does():
+    from arpg.bench.bound import product_work
+    from arpg.engine import generation_plans
+    from arpg.model import ARPG
+    from arpg.raster import RasterLM
+
+    cfg = ARPGConfig(dim=32, n_layer=2, n_head=1, vocab_size=16, num_classes=4, grid_size=4, ffn_multiple_of=32)
+    arpg, raster = ARPG(cfg), RasterLM(cfg)
+    numel = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
+    flop = lambda work: sum(2 * w.numel() * r for w, r in work)  # noqa: E731
+    def plans(model, b, steps):
+        return generation_plans(model, b, steps, "arccos", 1.0, "constant", None, None)
+
+    # Raster feeds the class token and every token but the last, one row each through every layer and the head.
+    work, after, side = product_work(raster, plans(raster, 3, None), 1, guided=False)
+    assert flop(work) == 2 * 3 * cfg.seq_len * numel(raster) and after == [] and not side
+    # ARPG in one step: the class token through the self layers and the shared K/V, every query through the rest.
+    fed = numel(arpg.layers.self_dec) + arpg.layers.to_k.weight.numel() + arpg.layers.to_v.weight.numel()
+    work, _, _ = product_work(arpg, plans(arpg, 3, 1), 1, guided=False)
+    assert flop(work) == 2 * 3 * (fed + cfg.seq_len * (numel(arpg.layers.cross_dec) + arpg.head.weight.numel()))
+    # Guided, two groups of whole pairs: the largest holds 2 of 3 pairs (4 sequences) and heads 2 samples' rows.
+    work, after, side = product_work(raster, plans(raster, 3, None), 2, guided=True)
+    assert side and after == [] and {r for w, r in work if w is raster.head.weight} == {2}
+    assert {r for w, r in work if w is not raster.head.weight} == {4}
+    # One sample guided: its two sequences in two groups, the head after them; unguided it is one group.
+    work, after, side = product_work(raster, plans(raster, 1, None), 2, guided=True)
+    assert side and {r for _, r in work} == {1} and len(after) == cfg.seq_len
+    assert not product_work(raster, plans(raster, 1, None), 2, guided=False)[2]
+
+
+def test_bound_runs_and_brackets_the_measured_ratio(monkeypatch, capsys):
+    from arpg.bench import bound
+
+    monkeypatch.setattr(
+        generation, "CPU_CONFIG",
+        ARPGConfig(dim=32, n_layer=2, n_head=1, vocab_size=16, num_classes=4, grid_size=4, ffn_multiple_of=32),
+    )
+    out = bound.main(["--batch", "2", "--steps", "8", "--reps", "1"])
+    assert out["arpg"]["steps"] == 8 and out["raster"]["steps"] == 16
+    assert all(out[n]["generation_ms"] > 0 and out[n]["products_ms"] > 0 and out[n]["gflop"] > 0
+               for n in ("arpg", "raster"))
+    if out["ratio_ends"] is not None:  # a mediant lies between its ends
+        lo, hi = out["ratio_ends"]
+        assert lo <= out["ratio"] <= hi
+    assert out["fixed_ms_needed"] == float("inf")  # 16 raster steps against 3.5 x 8: no fixed cost reaches it
+    text = capsys.readouterr().out
+    assert "| arpg | 8 |" in text and "out of reach of any cost per step" in text
+    out = bound.main(["--batch", "2", "--steps", "8", "--reps", "1", "--target", "1.5"])
+    a, r = out["arpg"], out["raster"]
+    assert out["fixed_ms_needed"] == pytest.approx((1.5 * a["products_ms"] - r["products_ms"]) / (16 - 1.5 * 8))
+    for bad in (["--batch", "0"], ["--target", "1"]):
+        with pytest.raises(SystemExit):
+            bound.main(bad)
