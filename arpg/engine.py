@@ -6,7 +6,8 @@ loop then only launches work: `model.decode_step` (or the replay of its CUDA gra
 sampling. Each sample has its own plan (`make_plan`), so samples may differ in order, in known tokens
 fed at the first step (editing, `arpg.edit`) and in tokens per step: rows are packed varlen. On CUDA
 each distinct uniform step shape (grid, rows, tokens fed, queries) is captured once as a CUDA graph
-with static input buffers and replayed, in this and later generations of the same engine.
+with static input buffers and replayed, in this and later generations of the same engine. On the CPU
+the whole loop, sampling included, is one op where the model offers it (`decode_loop`, `_run_loop`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.profiler import record_function
 import arpg_kernels as ak
 from arpg_kernels.cache import int_tensor
 
-from .model import GUIDED_HEAD, PagedBatch, guided_head_enabled
+from .model import GUIDED_HEAD, LoopStep, PagedBatch, guided_head_enabled
 from .sampling import cfg_scales, draw_uniforms, make_generators, sample, token_schedule
 
 __all__ = [
@@ -275,6 +276,21 @@ def _sample(logits, q_counts, temperature, top_k, top_p, generator, uncond=None,
             uniforms = torch.cat([draw_uniforms(n, g, logits.device) for g, n in zip(generator, q_counts)])
         generator = None
     return sample(logits, temperature, top_k, top_p, generator, uncond=uncond, cfg_scale=cfg, uniforms=uniforms)
+
+
+def _step_uniforms(q_counts, temperature, generator, device) -> list[torch.Tensor]:
+    """Every step's uniforms as `_sample` draws them step after step: float64 [sum(q_counts[s])] per step s
+    (q_counts[s]: queries per sample). Drawn in one call per generator, which gives the same numbers as one
+    call per step (a generator's float64 draws come one after another); zeros when greedy, as `sample`'s."""
+    totals = [sum(q) for q in q_counts]
+    if temperature <= 0:
+        return [torch.zeros(n, dtype=torch.float64, device=device) for n in totals]
+    if not isinstance(generator, (list, tuple)):
+        return list(draw_uniforms(sum(totals), generator, device).split(totals))
+    # Sample i draws from its own generator, step after step.
+    per_sample = [draw_uniforms(sum(q[i] for q in q_counts), g, device).split([q[i] for q in q_counts])
+                  for i, g in enumerate(generator)]
+    return [torch.cat([parts[s] for parts in per_sample]) for s in range(len(q_counts))]
 
 
 def _row_bytes(model, page_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
@@ -568,7 +584,9 @@ class Engine:
         region = record_function if torch.autograd._profiler_enabled() else lambda name: contextlib.nullcontext()
         try:
             with ak.value_checks(False):
-                for inp in inputs:
+                in_one_op = (not return_logits and teacher_tokens is None and (guided or not use_cfg)
+                             and self._run_loop(buf, inputs, grid, guided, temperature, top_k, top_p, generator))
+                for inp in () if in_one_op else inputs:
                     with region("arpg.model_step"):
                         logits = self._run(buf.index_select(0, inp.in_index), inp, rows, grid, guided)
                     if return_logits:
@@ -589,6 +607,22 @@ class Engine:
             self.cache.free(seq_ids)
         out = buf[rows:].view(bsz, seq_len)
         return (out, all_logits) if return_logits else out
+
+    def _run_loop(self, buf, inputs, grid, guided, temperature, top_k, top_p, generator) -> bool:
+        """Every step and its sampling in one call where the model has one that applies (`decode_loop`; on the
+        CPU `arpg.model.cpu_decode_loop`), the same ops and draws as the loop of `_run_plans`; False where it
+        does not, having drawn and changed nothing."""
+        loop = getattr(self.model, "decode_loop", None)
+        if loop is None:
+            return False
+        steps = [LoopStep(inp.in_index, inp.pos_in, inp.pos_q, inp.out_index, inp.batch, inp.causal,
+                          inp.cfg if guided else None) for inp in inputs]
+
+        def draw():
+            return _step_uniforms([inp.q_counts for inp in inputs], temperature, generator, self.device)
+
+        kwargs = {} if grid is None else {"grid": grid}
+        return loop(buf, steps, self.cache, draw, temperature, top_k, top_p, **kwargs)
 
     def _guided(self) -> bool:
         """Whether guided steps mix the guidance before the head (`arpg.model.GUIDED_HEAD`, `guided_head`)."""

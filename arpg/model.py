@@ -89,6 +89,7 @@ _fusions = threading.local()
 _whole = threading.local()
 _guided_switch = threading.local()
 _groups_switch = threading.local()
+_loop_switch = threading.local()
 
 
 @contextlib.contextmanager
@@ -146,6 +147,14 @@ def step_groups(enabled: bool):
     group with every op on all threads, and its logits are the op-by-op path's bit for bit; on (the default),
     rounded as matmuls of fewer rows round (float32: about 1e-7 of the values apart)."""
     return _thread_switch(_groups_switch, enabled)
+
+
+def step_loop(enabled: bool):
+    """Turn the CPU's whole-generation op (`arpg_cpu::decode_loop`, see `cpu_decode_loop`: every step of a
+    generation and its sampling in one call) on or off in this thread until the block ends: off, the engine
+    calls the whole-step op once a step from Python and samples there (benchmarks, debugging); the same ops
+    in the same order, the same tokens."""
+    return _thread_switch(_loop_switch, enabled)
 
 
 def guided_head(enabled: bool):
@@ -225,6 +234,42 @@ def _step_weights(model, self_layers, two_pass) -> Optional[tuple[list, list, li
     return weights[:n_self], weights[n_self:], norms
 
 
+def _whole_step_args(model, self_layers, two_pass, cache, guided: bool):
+    """(ops, weights, cross weights, K caches, V caches) of `arpg_cpu::decode_step` for this model and cache, or
+    None where the op does not apply (`cpu_decode_step`)."""
+    emb = model.embeddings.weight
+    ops = step_ops(emb, emb)
+    if (ops is None or not getattr(_whole, "enabled", True) or not ops.decode_step_available(guided)
+            or "cpu" not in FUSED_ROPE_APPEND):  # step_ops is None with the fusions off
+        return None
+    found = _step_weights(model, self_layers, two_pass)
+    if found is None:
+        return None
+    weights, cross, norms = found
+    eps, dtype, every = model.norm.eps, emb.dtype, (*weights, *cross)
+    if (any(n.eps != eps for n in norms) or any(w.dtype is not dtype for w in every)
+            or (torch.is_grad_enabled() and any(w.requires_grad for w in every))):
+        return None
+    n_caches = len(self_layers) + (two_pass is not None)
+    k_caches, v_caches = zip(*(cache.layer(i) for i in range(n_caches)))
+    return ops, weights, cross, list(k_caches), list(v_caches)
+
+
+def _check_whole_step(model, k_caches, v_caches, n_in: int, n_q: int, batch: "PagedBatch", causal: bool,
+                      arpg: bool) -> None:
+    """The checks the ops' wrappers run, once per kind of call, on stand-ins of a step's q and k."""
+    c = model.config
+    emb = model.embeddings.weight
+    rows_in = emb.new_empty((n_in, c.n_head, c.head_dim))
+    ak.checks.check_append_kv(rows_in, rows_in, k_caches[0], v_caches[0], batch.slot_mapping)
+    ak.checks.check_paged_attention(rows_in, k_caches[0], v_caches[0], batch.block_table, batch.kv_lens, batch.cu_in,
+                                    batch.max_in, causal, None, False)
+    if arpg:
+        rows_q = emb.new_empty((n_q, c.n_head, c.head_dim))
+        ak.checks.check_paged_attention(rows_q, k_caches[-1], v_caches[-1], batch.block_table, batch.kv_lens,
+                                        batch.cu_q, batch.max_q, False, None, False)
+
+
 def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, batch: PagedBatch, causal: bool,
                     two_pass: Optional["TwoPassDecoder"] = None,
                     guidance: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -244,33 +289,77 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
     tokens); table: the RoPE table that pos_in and pos_q index; guidance: as `head_logits` (checked by the
     caller), which the op follows.
     """
-    emb = model.embeddings.weight
-    ops = step_ops(emb, emb)
-    if (ops is None or not getattr(_whole, "enabled", True) or not ops.decode_step_available(guidance is not None)
-            or "cpu" not in FUSED_ROPE_APPEND):  # step_ops is None with the fusions off
-        return None
-    found = _step_weights(model, self_layers, two_pass)
+    found = _whole_step_args(model, self_layers, two_pass, cache, guidance is not None)
     if found is None:
         return None
-    weights, cross, norms = found
-    eps, dtype, every = model.norm.eps, emb.dtype, (*weights, *cross)
-    if (any(n.eps != eps for n in norms) or any(w.dtype is not dtype for w in every)
-            or (torch.is_grad_enabled() and any(w.requires_grad for w in every))):
-        return None
-    n_caches = len(self_layers) + (two_pass is not None)
-    k_caches, v_caches = zip(*(cache.layer(i) for i in range(n_caches)))
-    # The checks the ops' wrappers run, once per kind of call, on stand-ins of the step's q and k.
+    ops, weights, cross, k_caches, v_caches = found
+    _check_whole_step(model, k_caches, v_caches, tokens.shape[0], pos_q.shape[0], batch, causal, two_pass is not None)
     c = model.config
-    rows_in = emb.new_empty((tokens.shape[0], c.n_head, c.head_dim))
-    ak.checks.check_append_kv(rows_in, rows_in, k_caches[0], v_caches[0], batch.slot_mapping)
-    ak.checks.check_paged_attention(rows_in, k_caches[0], v_caches[0], batch.block_table, batch.kv_lens, batch.cu_in,
-                                    batch.max_in, causal, None, False)
-    if two_pass is not None:
-        rows_q = emb.new_empty((pos_q.shape[0], c.n_head, c.head_dim))
-        ak.checks.check_paged_attention(rows_q, k_caches[-1], v_caches[-1], batch.block_table, batch.kv_lens,
-                                        batch.cu_q, batch.max_q, False, None, False)
-    return ops.decode_step(tokens, pos_in, pos_q, table, weights, cross, list(k_caches), list(v_caches), batch,
-                           c.n_head, eps, causal, c.mask_token_id, guidance, getattr(_groups_switch, "enabled", True))
+    return ops.decode_step(tokens, pos_in, pos_q, table, weights, cross, k_caches, v_caches, batch, c.n_head,
+                           model.norm.eps, causal, c.mask_token_id, guidance, getattr(_groups_switch, "enabled", True))
+
+
+@dataclass
+class LoopStep:
+    """One step of `cpu_decode_loop` (tensors as `decode_step` takes them; raster: pos_q = pos_in).
+
+    in_index: int64 [T_in], where the fed tokens sit in the token buffer; out_index: int64 [the sampled
+    rows], where the step's drawn tokens go; guidance: float32 [T_q / 2, 1] or None (on every step or none).
+    """
+
+    in_index: torch.Tensor
+    pos_in: torch.Tensor
+    pos_q: torch.Tensor
+    out_index: torch.Tensor
+    batch: PagedBatch
+    causal: bool
+    guidance: Optional[torch.Tensor] = None
+
+
+def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], table, cache, buf: torch.Tensor,
+                    steps: list[LoopStep], draw, temperature: float, top_k: int, top_p: float) -> bool:
+    """Every step of a generation and its sampling in one op, `arpg_cpu::decode_loop`: for each step, the
+    whole-step op on buf[in_index], one token per row of its logits drawn as `arpg.sampling.sample` draws
+    them, written to buf[out_index]. The same ops in the same order as the engine's loop of `decode_step`
+    and `sample` calls, without the host's return to Python twice a step.
+
+    Returns False, having drawn and changed nothing, where it does not apply: where `cpu_decode_step` would
+    not, with `step_loop(False)`, with the sampler's fusions off, under torch.profiler (whose step and
+    sampling regions the engine's loop marks), or with a library built before the op. Else checks every
+    step as `cpu_decode_step` does (before anything runs, so a bad step leaves buf and the cache as they
+    were), calls `draw()` for the steps' uniforms (a list of float64 [rows of step s's logits]; it is called
+    only here, so an unused generator is left as it was), and runs the steps.
+    """
+    if not steps or not getattr(_loop_switch, "enabled", True) or torch.autograd._profiler_enabled():
+        return False
+    guided = steps[0].guidance is not None
+    if any((st.guidance is not None) != guided for st in steps):
+        raise ValueError("cpu_decode_loop: guidance on every step or on none")
+    found = _whole_step_args(model, self_layers, two_pass, cache, guided)
+    if found is None or not found[0].decode_loop_available():
+        return False
+    ops, weights, cross, k_caches, v_caches = found
+    arpg = two_pass is not None
+    seen = set()
+    for st in steps:
+        rows = st.pos_q.shape[0] if arpg else st.in_index.shape[0]
+        check_guidance(st.guidance, rows, buf.device)
+        key = (st.in_index.shape[0], st.pos_q.shape[0], int(st.batch.max_in), int(st.batch.max_q), bool(st.causal))
+        if key not in seen or ak.checks.value_checks_enabled():  # shapes alone: once per kind
+            seen.add(key)
+            _check_whole_step(model, k_caches, v_caches, st.in_index.shape[0], st.pos_q.shape[0], st.batch,
+                              st.causal, arpg)
+    rows = (steps[0].pos_q if arpg else steps[0].in_index).shape[0] // (2 if guided else 1)
+    stand_in = torch.empty((rows, model.config.vocab_size))
+    ak.checks.check_sample_tokens(stand_in, None, None, torch.empty(rows, dtype=torch.float64), float(temperature),
+                                  int(top_k or 0), float(top_p))
+    uniforms = draw()
+    c = model.config
+    ops.decode_loop(buf, [(st.in_index, st.pos_in, st.pos_q, st.out_index, st.batch, st.causal, st.guidance)
+                          for st in steps], uniforms, table, weights, cross, k_caches, v_caches, c.n_head,
+                    model.norm.eps, c.mask_token_id, temperature, int(top_k or 0), top_p,
+                    getattr(_groups_switch, "enabled", True))
+    return True
 
 
 def check_guidance(guidance: Optional[torch.Tensor], rows: int, device: torch.device) -> None:
@@ -695,3 +784,12 @@ class ARPG(nn.Module):
         for layer in self.layers.cross_dec:
             q = layer.forward_paged(q, rope_q, k_cache, v_cache, batch)
         return head_logits(self.head, _norm(self.norm, q, ops), guidance)
+
+    def decode_loop(self, buf: torch.Tensor, steps: list[LoopStep], cache, draw, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, grid: Optional[tuple[int, int]] = None) -> bool:
+        """Every step of a generation and its sampling in one op where the CPU's whole-generation op applies
+        (`cpu_decode_loop`: buf int64 [N] updated in place, steps of `LoopStep`, draw() -> the uniforms of every
+        step); returns False, having drawn and changed nothing, where it does not (then the caller loops over
+        `decode_step`). grid: as `decode_step`'s."""
+        return cpu_decode_loop(self, self.layers.self_dec, self.layers, self.rope_table(buf.device, grid), cache, buf,
+                               steps, draw, temperature, top_k, top_p)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RASTER_CONFIGS, ARPGConfig, get_config
-from .model import (PagedBatch, RMSNorm, SelfDecoder, _norm, check_guidance, cpu_decode_step, head_logits,
-                    precompute_rope_2d, step_ops)
+from .model import (LoopStep, PagedBatch, RMSNorm, SelfDecoder, _norm, check_guidance, cpu_decode_loop,
+                    cpu_decode_step, head_logits, precompute_rope_2d, step_ops)
 
 __all__ = ["RasterLM", "RASTER_CONFIGS"]
 
@@ -102,3 +104,11 @@ class RasterLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer.forward_paged(x, rope, *cache.layer(i), batch, causal=True)
         return head_logits(self.head, _norm(self.norm, x, step_ops(x, self.norm.weight)), guidance)
+
+    def decode_loop(self, buf: torch.Tensor, steps: list[LoopStep], cache, draw, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0) -> bool:
+        """As `arpg.model.ARPG.decode_loop`: every step's fed tokens attend each other causally and give the
+        logits (each step's pos_q is ignored, as `decode_step` ignores it)."""
+        steps = [dataclasses.replace(st, pos_q=st.pos_in, causal=True) for st in steps]
+        return cpu_decode_loop(self, self.layers, None, self.rope_table(buf.device), cache, buf, steps, draw,
+                               temperature, top_k, top_p)

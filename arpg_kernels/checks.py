@@ -40,6 +40,11 @@ def value_checks(enabled: bool):
         _thread.enabled = prev
 
 
+def value_checks_enabled() -> bool:
+    """Whether the value checks run in this thread (`set_checks`, `value_checks`)."""
+    return _checks_on()
+
+
 def _checks_on() -> bool:
     local = getattr(_thread, "enabled", None)
     return _value_checks if local is None else local

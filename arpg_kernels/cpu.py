@@ -23,8 +23,9 @@ from torch import Tensor
 from . import _build
 
 __all__ = [
-    "PAGED_ATTENTION_DTYPES", "STEP_OPS", "WHOLE_STEP_OP", "add_rms_norm", "append_kv", "append_kv_rope",
-    "attention_backward", "attention_forward", "decode_step", "decode_step_available", "is_available", "load_error",
+    "LOOP_OP", "PAGED_ATTENTION_DTYPES", "STEP_OPS", "WHOLE_STEP_OP", "add_rms_norm", "append_kv", "append_kv_rope",
+    "attention_backward", "attention_forward", "decode_loop", "decode_loop_available", "decode_step",
+    "decode_step_available", "is_available", "load_error",
     "merge_attention_states", "paged_attention", "rms_norm", "rope", "sample_tokens", "silu_mul",
     "step_ops_available", "supports",
 ]
@@ -39,6 +40,8 @@ _DENSE_OPS = ("attention_forward", "attention_backward")  # torch's flash-attent
 STEP_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rope")
 # A whole decoding step as one op (csrc/cpu/decode_step.cpp), built from the ops above: `arpg.model.cpu_decode_step`.
 WHOLE_STEP_OP = "decode_step"
+# The steps of a whole generation in one call (csrc/cpu/decode_step.cpp; `arpg.model.cpu_decode_loop`).
+LOOP_OP = "decode_loop"
 
 
 def _registered(ops=_OPS) -> bool:
@@ -76,6 +79,7 @@ _step_args = {arg.name for arg in torch.ops.arpg_cpu.decode_step.default._schema
 _guided_step = "guidance" in _step_args
 # A library built before `thread_groups` runs every step as one group.
 _grouped_step = "thread_groups" in _step_args
+_loop = _grouped_step and _registered((LOOP_OP,))
 
 
 def _decode_step_fake(tokens, pos_in, pos_q, rope_table, weights, cross_weights, *args, guidance=None,
@@ -100,6 +104,7 @@ if _load_error is None:
             ("rope", lambda x, rope: x.new_empty(x.shape)),
         ) if _step_ops else ()),
         *(((WHOLE_STEP_OP, _decode_step_fake),) if _whole_step else ()),
+        *(((LOOP_OP, lambda *args, **kwargs: None),) if _loop else ()),
     ):
         try:
             torch.library.register_fake(f"arpg_cpu::{_name}", _fake)
@@ -122,6 +127,11 @@ def step_ops_available() -> bool:
 def decode_step_available(guidance: bool = False) -> bool:
     """Whether the library has the whole-step op (`decode_step`), with its `guidance` argument if asked."""
     return _guided_step if guidance else _whole_step
+
+
+def decode_loop_available() -> bool:
+    """Whether the library has the whole-generation op (`decode_loop`)."""
+    return _loop
 
 
 def load_error() -> Optional[str]:
@@ -311,3 +321,30 @@ def decode_step(tokens: Tensor, pos_in: Tensor, pos_q: Tensor, rope_table: Tenso
         return torch.ops.arpg_cpu.decode_step(*args, guidance, bool(thread_groups))
     # The call that a library built before `thread_groups` (and, without guidance, before `guidance`) takes.
     return torch.ops.arpg_cpu.decode_step(*args) if guidance is None else torch.ops.arpg_cpu.decode_step(*args, guidance)
+
+
+def decode_loop(buf: Tensor, steps, uniforms, rope_table: Tensor, weights, cross_weights, k_caches, v_caches,
+                n_head: int, eps: float, mask_token_id: int, temperature: float, top_k: int, top_p: float,
+                thread_groups: bool = True) -> None:
+    """The steps of a whole generation in one op (`arpg.model.cpu_decode_loop` builds the arguments): for each
+    step, `decode_step` on the tokens buf[in_index], then one token per row of its logits drawn as
+    `sample_tokens` draws (no guidance of its own) against that step's uniforms, written to buf[out_index].
+
+    buf: int64 [N], updated in place; steps: per step (in_index, pos_in, pos_q, out_index, batch, causal,
+    guidance or None), the tensors as `decode_step` takes them (guidance on every step or on none);
+    uniforms: per step float64 [rows of its logits]. The rest as `decode_step` and `sample_tokens`."""
+    if not steps:
+        return
+    in_index, pos_in, pos_q, out_index, batches, causal, guidance = zip(*steps)
+    if any(g is None for g in guidance) != all(g is None for g in guidance):
+        raise ValueError("decode_loop: guidance on every step or on none")
+    if any(b.block_table is not batches[0].block_table for b in batches):
+        raise ValueError("decode_loop: every step must use the same block_table tensor")
+    torch.ops.arpg_cpu.decode_loop(
+        buf, list(in_index), list(pos_in), list(pos_q), list(out_index), [b.slot_mapping for b in batches],
+        batches[0].block_table, [b.kv_lens for b in batches], [b.cu_in for b in batches], [b.cu_q for b in batches],
+        [int(b.max_in) for b in batches], [int(b.max_q) for b in batches], [int(bool(c)) for c in causal],
+        [] if guidance[0] is None else list(guidance), list(uniforms), rope_table, list(weights), list(cross_weights),
+        list(k_caches), list(v_caches), int(n_head), float(eps), int(mask_token_id), float(temperature), int(top_k),
+        float(top_p), bool(thread_groups),
+    )

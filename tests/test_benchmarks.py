@@ -145,6 +145,7 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     assert s["whole_step_vs_op_by_op"] > 0 and s["arpg-engine-op-by-op"]["images_per_s"] > 0
     assert s["head_guidance_vs_logit_guidance"] > 0 and s["arpg-engine-logit-guidance"]["images_per_s"] > 0
     assert s["thread_groups_vs_one_group"] > 0 and s["arpg-engine-one-group"]["images_per_s"] > 0
+    assert s["generation_op_vs_step_calls"] > 0 and s["arpg-engine-step-calls"]["images_per_s"] > 0
     assert s["arpg-engine"]["kv_cache_memory"] > 0 and s["arpg-engine"]["spread"] >= 0
     parts = generation.profile_engine_step(record, torch.device("cpu"), "cpu-tiny", 2, 4, torch.float32)
     # Every part was seen, none is negative, and the parts add up to the profiled wall time.
@@ -165,7 +166,7 @@ def test_generation_and_kernel_benchmarks_write_a_record(tmp_path, monkeypatch):
     metrics = {r["metric"] for r in rows}
     assert {"latency", "images_per_s", "ms_per_step", "kv_cache_memory", "ratio_engine/eager", "ratio_arpg/raster",
             "ratio_fused/unfused", "ratio_whole-step/op-by-op", "ratio_head-guidance/logit-guidance",
-            "ratio_thread-groups/one-group",
+            "ratio_thread-groups/one-group", "ratio_generation-op/step-calls",
             "bandwidth", "bandwidth_fraction", "ms_attention", "ms_sampling"} <= metrics
     assert all(json.loads(r["config"]) is not None and r["device"] for r in rows)
     assert all(int(r["n"]) >= 2 and float(r["spread"]) >= 0 for r in rows if r["metric"] == "latency")

@@ -432,10 +432,11 @@ def _whole_step_models(dtype):
 
 @pytest.fixture
 def one_group():
-    """The whole-step op as one group (`step_groups(False)`): its logits are the op-by-op path's bit for bit."""
-    from arpg.model import step_groups
+    """The whole-step op as one group (`step_groups(False)`), called once a step (`step_loop(False)`: the tests
+    that take it count the op's calls): its logits are the op-by-op path's bit for bit."""
+    from arpg.model import step_groups, step_loop
 
-    with step_groups(False):
+    with step_groups(False), step_loop(False):
         yield
 
 
@@ -547,6 +548,7 @@ def test_whole_step_thread_groups_match_one_group(dtype, monkeypatch):
                     return got
 
                 patch.setattr(cpu, "decode_step", both)
+                patch.setattr(m, "decode_loop", lambda *a, **kw: False)  # a step at a time, through `both`
                 samples = 3
                 if m is model:
                     engine.run(plans, labels, teacher, use_cfg=True, generator=[g] * 3)
@@ -667,12 +669,13 @@ def test_whole_step_op_leaves_what_it_would_skip_to_the_modules(monkeypatch):
     from arpg.model import cpu_decode_step
 
     calls = []
-    real = cpu.decode_step
+    real, real_loop = cpu.decode_step, cpu.decode_loop
     monkeypatch.setattr(cpu, "decode_step", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu, "decode_loop", lambda *a: calls.append("loop") or real_loop(*a))  # sampling runs
     model, _ = _whole_step_models(torch.float32)
     labels = torch.tensor([0, 3])
     generate(model, labels, num_steps=3, seed=1)
-    assert len(calls) == 3
+    assert calls == ["loop"]  # the whole generation in one op
     calls.clear()
     fired = []
     proj = model.layers.cross_dec[0].attn.proj
@@ -885,3 +888,209 @@ def test_a_library_without_the_whole_step_op_decodes_op_by_op(monkeypatch):
         monkeypatch.undo()
         importlib.reload(cpu)
     assert cpu.decode_step_available()
+
+
+def _counted(monkeypatch, name: str) -> list:
+    """Record each call of arpg_kernels.cpu's `name` (and still run it)."""
+    calls = []
+    real = getattr(cpu, name)
+    monkeypatch.setattr(cpu, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_loop_draws_the_tokens_of_the_step_loop(dtype, threads, monkeypatch):
+    """arpg_cpu::decode_loop runs a generation's steps and their sampling in one call, with no whole-step call
+    from Python: the tokens of the engine's loop of whole-step and sampler calls (`step_loop(False)`), for ARPG
+    and the raster model, guided and unguided, with one generator, one per sample and the global RNG (left in
+    the same state), greedy, top-k and top-p, a linear guidance ramp, and an edit whose samples feed different
+    numbers of known tokens causally at step 0."""
+    from arpg import generate
+    from arpg.edit import inpaint
+    from arpg.engine import Engine
+    from arpg.model import step_loop
+
+    loops, steps = _counted(monkeypatch, "decode_loop"), _counted(monkeypatch, "decode_step")
+    model, raster = _whole_step_models(dtype)
+    labels = torch.tensor([0, 3, -1])
+    image = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, :5], mask[1, 3:12], mask[2, 10:] = True, True, True
+    cases = [
+        (model, dict(num_steps=5, cfg_scale=2.5, seed=1)),
+        (model, dict(num_steps=4, seed=[1, 2, 3])),
+        (model, dict(num_steps=5, cfg_scale=2.0, cfg_schedule="linear", seed=[4, 5, 6], top_k=10, top_p=0.8)),
+        (model, dict(num_steps=3, cfg_scale=3.0, temperature=0.0, seed=5)),
+        (raster, dict(cfg_scale=2.5, seed=[7, 8, 9])),
+        (raster, dict(seed=2, top_p=0.9)),
+    ]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, kw in cases:
+            engine = Engine(m, 6)
+            loops.clear(), steps.clear()
+            got = engine.generate(labels, **kw)
+            assert len(loops) == 1 and steps == []
+            with step_loop(False):
+                want = engine.generate(labels, **kw)
+            assert steps and len(loops) == 1
+            assert torch.equal(got, want), kw
+        assert not torch.equal(got, Engine(raster, 6).generate(labels, seed=3, top_p=0.9))  # the seed matters
+        runs = []
+        for loop in (True, False):
+            torch.manual_seed(5)
+            with step_loop(loop):
+                runs.append((generate(model, labels, num_steps=4, cfg_scale=2.0), torch.rand(4)))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        loops.clear()
+        got = inpaint(model, image, mask, labels, num_steps=4, cfg_scale=2.0, seed=[4, 5, 6])
+        assert len(loops) == 1
+        with step_loop(False):
+            assert torch.equal(got, inpaint(model, image, mask, labels, num_steps=4, cfg_scale=2.0, seed=[4, 5, 6]))
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_decode_loop_only_where_it_applies(monkeypatch):
+    """Logits asked for, teacher tokens, guidance on both rows' logits, torch.profiler, the switches, the fusions
+    off, another backend or a library without the op: the engine calls a step at a time (or op by op), the same
+    tokens; a model's `decode_loop` that does not apply returns False without drawing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from arpg import generate
+    from arpg.model import guided_head, step_fusions, step_loop, whole_step
+
+    loops, steps = _counted(monkeypatch, "decode_loop"), _counted(monkeypatch, "decode_step")
+    model, _ = _whole_step_models(torch.float32)
+    labels = torch.tensor([0, 3])
+    kw = dict(num_steps=3, cfg_scale=2.0, seed=1)
+    tokens = generate(model, labels, **kw)
+    assert len(loops) == 1 and steps == []
+    loops.clear()
+    teacher = torch.randint(0, 64, (2, 16))
+    generate(model, labels, **kw, return_logits=True)
+    generate(model, labels, **kw, teacher_tokens=teacher)
+    assert loops == [] and len(steps) == 6
+    for switch in (guided_head(False), step_loop(False), profile(activities=[ProfilerActivity.CPU])):
+        steps.clear()
+        with switch:
+            assert torch.equal(generate(model, labels, **kw), tokens) or isinstance(switch, type(guided_head(False)))
+        assert loops == [] and len(steps) == 3
+    for switch in (whole_step(False), step_fusions(False), ak.use_backend("reference")):
+        steps.clear()
+        with switch:
+            generate(model, labels, **kw)
+        assert loops == [] and steps == []
+    monkeypatch.setattr(cpu, "_loop", False)  # a library built before the op
+    steps.clear()
+    assert torch.equal(generate(model, labels, **kw), tokens)
+    assert loops == [] and len(steps) == 3
+    monkeypatch.undo()
+    with step_loop(False):
+        assert model.decode_loop(torch.zeros(4, dtype=torch.long), [object()], None,
+                                 lambda: pytest.fail("drew uniforms")) is False
+
+
+def _loop_steps(model, engine, guidance: bool):
+    """A prepared generation of 2 samples, 3 steps, as `LoopStep`s, and its sequences (to free)."""
+    from arpg.engine import generation_plans
+    from arpg.model import LoopStep
+
+    rows = 4 if guidance else 2
+    seq_ids, inputs = engine._prepare(generation_plans(model, 2, 3, "arccos", 2.0, "constant", None, None), rows, 16)
+    steps = [LoopStep(i.in_index, i.pos_in, i.pos_q, i.out_index, i.batch, i.causal, i.cfg if guidance else None)
+             for i in inputs]
+    return steps, seq_ids
+
+
+def test_decode_loop_refuses_bad_steps_before_it_changes_anything():
+    """A step whose guidance does not fit, guidance on some steps only, bad sampler settings or per-step lists
+    of different lengths: a named error, and the token buffer, the cache and the generator as they were."""
+    from arpg.engine import Engine
+    from arpg.model import cpu_decode_loop
+
+    model, _ = _whole_step_models(torch.float32)
+    engine = Engine(model, 4)
+    steps, seq_ids = _loop_steps(model, engine, guidance=True)
+    buf = torch.arange(4 + 2 * 16) % 64
+    state = (buf.clone(), engine.cache.k_pool.clone(), engine.cache.v_pool.clone())
+
+    @torch.inference_mode()  # as the engine runs it (weights that need a gradient take the modules' path)
+    def run(bad_steps, **kw):
+        args = dict(temperature=1.0, top_k=0, top_p=1.0) | kw
+        return cpu_decode_loop(model, model.layers.self_dec, model.layers, model.rope_table("cpu"), engine.cache,
+                               buf, bad_steps, lambda: pytest.fail("drew uniforms"), **args)
+
+    try:
+        bad = steps[:2] + [dataclasses.replace(steps[2], guidance=steps[2].guidance[:-1])]
+        with pytest.raises(ValueError, match="guidance must be float32"):
+            run(bad)
+        with pytest.raises(ValueError, match="guidance on every step or on none"):
+            run(steps[:2] + [dataclasses.replace(steps[2], guidance=None)])
+        with pytest.raises(ValueError, match="top_p must be in"):
+            run(steps, top_p=0.0)
+        with pytest.raises(ValueError, match="top_k must be"):
+            run(steps, top_k=-1)
+        assert all(torch.equal(a, b) for a, b in zip(state, (buf, engine.cache.k_pool, engine.cache.v_pool)))
+        weights, cross = _step_weight_lists(model)
+        ks, vs = zip(*(engine.cache.layer(i) for i in range(model.num_cache_layers)))
+        s = steps[0]
+        with pytest.raises(RuntimeError, match="one entry per step"):
+            torch.ops.arpg_cpu.decode_loop(
+                buf, [s.in_index], [s.pos_in], [s.pos_q], [s.out_index], [s.batch.slot_mapping], s.batch.block_table,
+                [s.batch.kv_lens], [s.batch.cu_in], [s.batch.cu_q], [s.batch.max_in], [s.batch.max_q], [0], [],
+                [], model.rope_table("cpu"), weights, cross, list(ks), list(vs), 2, model.norm.eps,
+                model.config.mask_token_id, 1.0, 0, 1.0)
+    finally:
+        engine.cache.free(seq_ids)
+
+
+def test_decode_loop_opcheck():
+    from arpg.engine import Engine
+    from arpg.model import step_groups
+
+    model, _ = _whole_step_models(torch.float32)
+    model.requires_grad_(False)
+    engine = Engine(model, 2)
+    steps, seq_ids = _loop_steps(model, engine, guidance=False)
+    try:
+        weights, cross = _step_weight_lists(model)
+        ks, vs = zip(*(engine.cache.layer(i) for i in range(model.num_cache_layers)))
+        uniforms = [torch.rand(s.out_index.shape[0], dtype=torch.float64) for s in steps]
+        b = [s.batch for s in steps]
+        with step_groups(False):
+            torch.library.opcheck(
+                torch.ops.arpg_cpu.decode_loop.default,
+                (torch.arange(2 + 2 * 16) % 64, [s.in_index for s in steps], [s.pos_in for s in steps],
+                 [s.pos_q for s in steps], [s.out_index for s in steps], [x.slot_mapping for x in b],
+                 b[0].block_table, [x.kv_lens for x in b], [x.cu_in for x in b], [x.cu_q for x in b],
+                 [x.max_in for x in b], [x.max_q for x in b], [int(s.causal) for s in steps], [], uniforms,
+                 model.rope_table("cpu"), weights, cross, list(ks), list(vs), 2, model.norm.eps,
+                 model.config.mask_token_id, 1.0, 0, 1.0),
+            )
+    finally:
+        engine.cache.free(seq_ids)
+
+
+def test_step_uniforms_are_the_draws_of_each_step():
+    """The loop's uniforms, drawn up front in one call per generator, are the numbers `_sample` draws step by
+    step: one generator, one per sample, the global RNG; zeros when greedy."""
+    from arpg.engine import _step_uniforms
+    from arpg.sampling import draw_uniforms
+
+    q_counts = [(1, 0, 2), (3, 3, 3), (0, 0, 0), (7, 1, 20)]
+    got = _step_uniforms(q_counts, 1.0, torch.Generator().manual_seed(3), "cpu")
+    g = torch.Generator().manual_seed(3)
+    assert all(torch.equal(a, draw_uniforms(sum(q), g, "cpu")) for a, q in zip(got, q_counts))
+    got = _step_uniforms(q_counts, 0.7, [torch.Generator().manual_seed(s) for s in (1, 2, 3)], "cpu")
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    for a, q in zip(got, q_counts):
+        assert torch.equal(a, torch.cat([draw_uniforms(n, gi, "cpu") for gi, n in zip(gens, q)]))
+    torch.manual_seed(9)
+    got = _step_uniforms(q_counts, 1.0, None, "cpu")
+    torch.manual_seed(9)
+    assert all(torch.equal(a, draw_uniforms(sum(q), None, "cpu")) for a, q in zip(got, q_counts))
+    assert all(torch.equal(a, torch.zeros(sum(q), dtype=torch.float64))
+               for a, q in zip(_step_uniforms(q_counts, 0.0, None, "cpu"), q_counts))

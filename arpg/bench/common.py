@@ -101,9 +101,24 @@ _flush_buffer: torch.Tensor | None = None
 
 def _flush_l2(device: torch.device) -> None:
     global _flush_buffer
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" names the current device; a tensor's says which
+        device = torch.device("cuda", torch.cuda.current_device())
     if _flush_buffer is None or _flush_buffer.device != device:
         _flush_buffer = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
     _flush_buffer.zero_()
+
+
+def cuda_peak_start(device: torch.device) -> int:
+    """Reset the CUDA allocator's peak; returns the bytes allocated now, the baseline of `cuda_peak_added`."""
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def cuda_peak_added(device: torch.device, base: int) -> int:
+    """Bytes at the allocator's peak since `cuda_peak_start` above its baseline: what the calls in between
+    allocated at most at once (the other providers' caches and weights, allocated before, are not in it)."""
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def _timed_calls(fn: Callable[..., object], sets: list[tuple], first: int, count: int, device: torch.device,

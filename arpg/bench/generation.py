@@ -24,9 +24,9 @@ from arpg import model as arpg_model
 from arpg.config import ARPGConfig
 from arpg.eager import eager_generate
 from arpg.engine import Engine
-from arpg.model import GUIDED_HEAD, guided_head, step_fusions, step_groups, whole_step
+from arpg.model import GUIDED_HEAD, guided_head, step_fusions, step_groups, step_loop, whole_step
 
-from .common import Budget, Record, fmt, timing
+from .common import Budget, Record, cuda_peak_added, cuda_peak_start, fmt, timing
 from .plot import STEP_PARTS
 
 # A CPU-sized stand-in with the real step structure: a 16x16 grid (256 tokens), head_dim 64.
@@ -37,8 +37,10 @@ CPU_GRID = dict(models=["cpu-tiny"], steps=[32, 64], batches=[1, 4, 16])
 # The engine against its variants where they ran: (provider, ratio metric, summary key), the engine's images/s over
 # the variant's.
 ENGINE_VARIANT_RATIOS = (
+    ("arpg-engine-unfused", "fused/unfused", "fused_vs_unfused"),
     ("arpg-engine-op-by-op", "whole-step/op-by-op", "whole_step_vs_op_by_op"),
     ("arpg-engine-one-group", "thread-groups/one-group", "thread_groups_vs_one_group"),
+    ("arpg-engine-step-calls", "generation-op/step-calls", "generation_op_vs_step_calls"),
     ("arpg-engine-logit-guidance", "head-guidance/logit-guidance", "head_guidance_vs_logit_guidance"),
 )
 SHORT_GRID = dict(models=["ARPG-L"], steps=[64], batches=[64])  # a borrowed GPU's minutes: the issue's headline point
@@ -103,12 +105,13 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
 
                 runs = {
                     "arpg-engine": lambda: engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0),
-                    "arpg-engine-unfused": unfused,  # the same engine, RoPE + append and sampling as torch ops
                     "arpg-eager": lambda: eager_generate(model, labels, steps, cfg_scale=cfg_scale, seed=0),
                     "raster-engine": lambda: raster_engine.generate(labels, cfg_scale=cfg_scale, seed=0),
                 }
-                n_steps = {"arpg-engine": steps, "arpg-engine-unfused": steps, "arpg-eager": steps,
-                           "raster-engine": raster_cfg.seq_len}
+                n_steps = {"arpg-engine": steps, "arpg-eager": steps, "raster-engine": raster_cfg.seq_len}
+                if device.type != "cuda":  # on a GPU the fusions are the Triton ones: arpg-engine-triton
+                    runs["arpg-engine-unfused"] = unfused  # the same engine, RoPE + append and sampling as torch ops
+                    n_steps["arpg-engine-unfused"] = steps
                 if device.type == "cpu":
                     def op_by_op():
                         with whole_step(False):
@@ -125,6 +128,15 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     # The whole-step op as one group, every op on all threads, not one group of sequences per thread.
                     runs["arpg-engine-one-group"] = one_group
                     n_steps["arpg-engine-one-group"] = steps
+
+                    def step_calls():
+                        with step_loop(False):
+                            return engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
+
+                    # The whole-step op and the sampler called once a step from Python, not the whole generation
+                    # in one op (arpg_cpu::decode_loop).
+                    runs["arpg-engine-step-calls"] = step_calls
+                    n_steps["arpg-engine-step-calls"] = steps
                 if device.type in GUIDED_HEAD:
                     def logit_guidance():
                         with guided_head(False):
@@ -144,25 +156,29 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                     fn()
                 _sync(device)
                 times = {k: [] for k in runs}
-                peaks = {}
+                # The K/V cache each provider holds (every arpg-engine* provider but the Triton one runs on
+                # `engine`); on a GPU plus the most it allocated during a call, which for the eager path is its K/V.
+                own = {key: engine.cache.nbytes for key in runs if key.startswith("arpg-engine")}
+                own.update({"arpg-eager": 0 if device.type == "cuda" else _eager_kv_bytes(model, rows),
+                            "raster-engine": raster_engine.cache.nbytes})
+                if triton_engine is not None:
+                    own["arpg-engine-triton"] = triton_engine.cache.nbytes
+                added = dict.fromkeys(runs, 0)
                 # Interleaved rounds; a provider whose timing is settled sits the later rounds out.
                 while not all(budget.done(ts, sum(ts)) for ts in times.values()):
                     for key, fn in runs.items():
                         if budget.done(times[key], sum(times[key])):
                             continue
                         if device.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats(device)
+                            base = cuda_peak_start(device)
                         _sync(device)
                         t0 = time.perf_counter()
                         fn()
                         _sync(device)
                         times[key].append(time.perf_counter() - t0)
                         if device.type == "cuda":
-                            peaks[key] = torch.cuda.max_memory_allocated(device) / 2**20
-                if device.type != "cuda":  # the K/V each holds; every arpg-engine* provider runs on `engine`
-                    peaks = {key: engine.cache.nbytes / 2**20 for key in runs if key.startswith("arpg-engine")}
-                    peaks.update({"arpg-eager": _eager_kv_bytes(model, rows) / 2**20,
-                                  "raster-engine": raster_engine.cache.nbytes / 2**20})
+                            added[key] = max(added[key], cuda_peak_added(device, base))
+                peaks = {key: (own[key] + added[key]) / 2**20 for key in runs}
                 cfg = {"model": name, "steps": steps, "batch": batch, "cfg_scale": cfg_scale,
                        "dtype": str(dtype).replace("torch.", ""), "weights_mib": round(weights / 2**20, 1)}
                 summary = {"config": cfg}
@@ -184,9 +200,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 ratio_raster = summary["arpg-engine"]["images_per_s"] / summary["raster-engine"]["images_per_s"]
                 record.add("generation", "generate", "ratio", cfg, "ratio_engine/eager", "x", ratio_eager)
                 record.add("generation", "generate", "ratio", cfg, "ratio_arpg/raster", "x", ratio_raster)
-                ratio_fused = summary["arpg-engine"]["images_per_s"] / summary["arpg-engine-unfused"]["images_per_s"]
-                record.add("generation", "generate", "ratio", cfg, "ratio_fused/unfused", "x", ratio_fused)
-                summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster, fused_vs_unfused=ratio_fused)
+                summary.update(engine_vs_eager=ratio_eager, arpg_vs_raster=ratio_raster)
                 extra = []  # the engine against each of its variants that ran
                 for provider, ratio, key in ENGINE_VARIANT_RATIOS:
                     if provider in summary:
@@ -202,8 +216,7 @@ def bench_generation(record: Record, device: torch.device, grid: dict, dtype: to
                 print(
                     f"  {name} {steps} steps batch {batch}: engine {ips['arpg-engine']} img/s, "
                     f"eager {ips['arpg-eager']}, raster {ips['raster-engine']}; "
-                    f"engine/eager {fmt(ratio_eager)}x, ARPG/raster {fmt(ratio_raster)}x, fused/unfused step ops "
-                    f"{fmt(ratio_fused)}x" + "".join(extra)
+                    f"engine/eager {fmt(ratio_eager)}x, ARPG/raster {fmt(ratio_raster)}x" + "".join(extra)
                 )
                 if progress is not None:
                     progress.update(1)
@@ -267,16 +280,20 @@ def profile_engine_step(record: Record, device: torch.device, name: str, batch: 
     """One profiled `Engine.generate` (after two warm-ups); records and returns `step_breakdown`, plus
     the profiled and the unprofiled wall time per step (the profiler's own overhead shows as the gap). The
     CPU's whole-step op runs as one group (`step_groups(False)`): its thread groups run ops on two threads at
-    once, and parts summed over threads would not add up to the wall time."""
+    once, and parts summed over threads would not add up to the wall time. It is called once a step
+    (`step_loop(False)`, as under the profiler anyway), so that the unprofiled time is of the same path. On a
+    GPU the steps launch without CUDA graphs, whose replays hide their ops from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     arpg_cfg, _ = _config(name)
     torch.manual_seed(0)
     model = ARPG(arpg_cfg).to(device, dtype).eval()
     labels = torch.arange(batch, device=device) % arpg_cfg.num_classes
-    engine = Engine(model, 2 * batch, use_cuda_graphs=True)
+    # No CUDA graphs: the profiler would see each replayed step as one launch, not its ops.
+    engine = Engine(model, 2 * batch, use_cuda_graphs=False)
+
     def run():
-        with step_groups(False):
+        with step_groups(False), step_loop(False):
             return engine.generate(labels, steps, cfg_scale=cfg_scale, seed=0)
 
     for _ in range(2):

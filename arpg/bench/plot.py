@@ -14,7 +14,7 @@ from .common import fmt, read_rows
 
 # A timing whose interquartile range is more than this fraction of its median is flagged.
 MAX_SPREAD = 0.10
-_MEMORY_METRICS = {"peak_memory": "GPU peak allocated", "kv_cache_memory": "CPU K/V cache"}
+_MEMORY_METRICS = {"peak_memory": "GPU K/V cache + peak allocated in a call", "kv_cache_memory": "CPU K/V cache"}
 
 
 def _latest_run(rows: list[dict]) -> list[dict]:

@@ -28,7 +28,7 @@ import torch
 import arpg
 from arpg import ARPG, GenerationQueue
 
-from .common import Record, fmt
+from .common import Record, cuda_peak_added, cuda_peak_start, fmt
 from .generation import _config, _sync
 
 CPU_STREAM = dict(model="cpu-tiny", requests=16, max_images=8, steps=[16, 32], max_rows=32, rounds=2)
@@ -122,12 +122,12 @@ def bench_serving(record: Record, device: torch.device, dtype: torch.dtype, stre
         f.result()
     lat = {"sequential": [], "queue": []}
     spans = {"sequential": [], "queue": []}
-    peaks = {}
+    added = {"sequential": 0, "queue": 0}
     arrivals = None
     for _ in range(stream_cfg["rounds"]):
         for provider in ("sequential", "queue"):
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+                base = cuda_peak_start(device)
             if provider == "sequential":
                 service = _sequential(model, stream, device)
                 if arrivals is None:
@@ -139,11 +139,11 @@ def bench_serving(record: Record, device: torch.device, dtype: torch.dtype, stre
             lat[provider] += l
             spans[provider].append(span)
             if device.type == "cuda":
-                peaks[provider] = max(peaks.get(provider, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+                added[provider] = max(added[provider], cuda_peak_added(device, base))
     queue.shutdown()
-    if device.type != "cuda":
-        engine = arpg.engine._ENGINES[model]
-        peaks = {"sequential": engine.cache.nbytes / 2**20, "queue": queue.cache.nbytes / 2**20}
+    # The K/V cache each holds; on a GPU plus the most it allocated during a round.
+    own = {"sequential": arpg.engine._ENGINES[model].cache.nbytes, "queue": queue.cache.nbytes}
+    peaks = {provider: (own[provider] + added[provider]) / 2**20 for provider in own}
     cfg = {"model": stream_cfg["model"], "requests": len(stream), "images": images,
            "max_images": stream_cfg["max_images"], "steps": "/".join(map(str, stream_cfg["steps"])),
            "cfg_scale": f"1/{CFG:g}", "rate_per_s": round(rate, 3), "max_rows": queue.max_rows,

@@ -51,7 +51,7 @@ def test_queue_cuda_graph_buckets(make_model):
     from arpg import GenerationQueue
 
     model = make_model("ARPG-tiny-g16", std=0.05).cuda()
-    calls = [([1, 2], 8, 2.0, 3), ([4], 5, 1.0, [9]), ([0, 5, 6], 12, 3.0, [1, 2, 3]), ([7], 8, 1.0, 4)] * 2
+    calls = [([1, 2], 8, 2.0, 3), ([3], 5, 1.0, [9]), ([0, 2, 1], 12, 3.0, [1, 2, 3]), ([3], 8, 1.0, 4)] * 2  # < 4 classes
     results = {}
     for graphs in (True, False):
         with GenerationQueue(model, max_rows=12, use_cuda_graphs=graphs, _pad_steps=True) as q:
