@@ -278,19 +278,50 @@ def _sample(logits, q_counts, temperature, top_k, top_p, generator, uncond=None,
     return sample(logits, temperature, top_k, top_p, generator, uncond=uncond, cfg_scale=cfg, uniforms=uniforms)
 
 
+def _loop_goes_with_step(model) -> bool:
+    """Whether the model's `decode_loop` runs its `decode_step`: not where `decode_step` was replaced after it,
+    on the instance or in a subclass of the class that defines `decode_loop` (whose loop calls the op that its
+    own `decode_step` calls, not the replacement). A `decode_loop` set on the instance is the caller's own."""
+    if "decode_loop" in vars(model):
+        return True
+    if "decode_step" in vars(model):
+        return False
+    mro = type(model).__mro__
+    loop_owner = next(c for c in mro if "decode_loop" in vars(c))
+    step_owner = next(c for c in mro if "decode_step" in vars(c))
+    return issubclass(loop_owner, step_owner)
+
+
 def _step_uniforms(q_counts, temperature, generator, device) -> list[torch.Tensor]:
     """Every step's uniforms as `_sample` draws them step after step: float64 [sum(q_counts[s])] per step s
-    (q_counts[s]: queries per sample). Drawn in one call per generator, which gives the same numbers as one
-    call per step (a generator's float64 draws come one after another); zeros when greedy, as `sample`'s."""
+    (q_counts[s]: queries per sample); zeros when greedy, as `sample`'s. Each random stream (a generator, or
+    the global RNG for None) is drawn in one call and its numbers dealt out in the order the steps would
+    draw them: step after step, and within a step sample after sample, where samples share a stream. A
+    stream's float64 draws come one after another, so one call gives the numbers of one call per step."""
     totals = [sum(q) for q in q_counts]
     if temperature <= 0:
         return [torch.zeros(n, dtype=torch.float64, device=device) for n in totals]
     if not isinstance(generator, (list, tuple)):
         return list(draw_uniforms(sum(totals), generator, device).split(totals))
-    # Sample i draws from its own generator, step after step.
-    per_sample = [draw_uniforms(sum(q[i] for q in q_counts), g, device).split([q[i] for q in q_counts])
-                  for i, g in enumerate(generator)]
-    return [torch.cat([parts[s] for parts in per_sample]) for s in range(len(q_counts))]
+    # The global RNG is one stream whether named None or by its generator object.
+    default = torch.default_generator if torch.device(device).type == "cpu" else None
+    streams = [default if g is None else g for g in generator]
+    keys = [id(g) for g in streams]
+    need: dict[int, int] = {}
+    for q in q_counts:
+        for key, n in zip(keys, q):
+            need[key] = need.get(key, 0) + n
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    drawn = {key: draw_uniforms(n, generator[first[key]], device) for key, n in need.items()}
+    taken = dict.fromkeys(need, 0)
+    out = []
+    for q in q_counts:
+        parts = []
+        for key, n in zip(keys, q):
+            parts.append(drawn[key][taken[key] : taken[key] + n])
+            taken[key] += n
+        out.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device))
+    return out
 
 
 def _row_bytes(model, page_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
@@ -613,7 +644,7 @@ class Engine:
         CPU `arpg.model.cpu_decode_loop`), the same ops and draws as the loop of `_run_plans`; False where it
         does not, having drawn and changed nothing."""
         loop = getattr(self.model, "decode_loop", None)
-        if loop is None:
+        if loop is None or not _loop_goes_with_step(self.model):
             return False
         steps = [LoopStep(inp.in_index, inp.pos_in, inp.pos_q, inp.out_index, inp.batch, inp.causal,
                           inp.cfg if guided else None) for inp in inputs]

@@ -326,9 +326,10 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
     Returns False, having drawn and changed nothing, where it does not apply: where `cpu_decode_step` would
     not, with `step_loop(False)`, with the sampler's fusions off, under torch.profiler (whose step and
     sampling regions the engine's loop marks), or with a library built before the op. Else checks every
-    step as `cpu_decode_step` does (before anything runs, so a bad step leaves buf and the cache as they
-    were), calls `draw()` for the steps' uniforms (a list of float64 [rows of step s's logits]; it is called
-    only here, so an unused generator is left as it was), and runs the steps.
+    step as `cpu_decode_step` does, and its indices' shapes (out_index: one place per row of logits), calls
+    `draw()` for the steps' uniforms (a list of float64 [rows of step s's logits]; it is called only here,
+    so an unused generator is left as it was), checks them, and runs the steps. A bad step or bad uniforms
+    raise before anything runs, leaving buf and the cache as they were (the op checks the indices' range).
     """
     if not steps or not getattr(_loop_switch, "enabled", True) or torch.autograd._profiler_enabled():
         return False
@@ -341,19 +342,33 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
     ops, weights, cross, k_caches, v_caches = found
     arpg = two_pass is not None
     seen = set()
-    for st in steps:
+    drawn_rows = []  # per step: rows of logits, one token drawn for each
+    for s, st in enumerate(steps):
         rows = st.pos_q.shape[0] if arpg else st.in_index.shape[0]
         check_guidance(st.guidance, rows, buf.device)
-        key = (st.in_index.shape[0], st.pos_q.shape[0], int(st.batch.max_in), int(st.batch.max_q), bool(st.causal))
-        if key not in seen or ak.checks.value_checks_enabled():  # shapes alone: once per kind
+        drawn_rows.append(rows // 2 if guided else rows)
+        for name, index, n in (("in_index", st.in_index, None), ("out_index", st.out_index, drawn_rows[-1])):
+            if index.dtype != torch.int64 or index.dim() != 1 or (n is not None and index.shape[0] != n):
+                want = "int64 [T_in]" if n is None else f"int64 [{n}] (the step's rows of logits)"
+                raise ValueError(f"cpu_decode_loop: step {s}'s {name} must be {want}, got {index.dtype} "
+                                 f"{tuple(index.shape)}")
+        b = st.batch
+        # Shapes alone (the engine turns value checks off): once per kind of step.
+        key = (st.in_index.shape[0], st.pos_q.shape[0], int(b.max_in), int(b.max_q), bool(st.causal),
+               *((t.shape, t.dtype, t.stride()) for t in (b.slot_mapping, b.kv_lens, b.cu_in, b.cu_q, b.block_table)))
+        if key not in seen or ak.checks.value_checks_enabled():
             seen.add(key)
-            _check_whole_step(model, k_caches, v_caches, st.in_index.shape[0], st.pos_q.shape[0], st.batch,
-                              st.causal, arpg)
-    rows = (steps[0].pos_q if arpg else steps[0].in_index).shape[0] // (2 if guided else 1)
-    stand_in = torch.empty((rows, model.config.vocab_size))
-    ak.checks.check_sample_tokens(stand_in, None, None, torch.empty(rows, dtype=torch.float64), float(temperature),
-                                  int(top_k or 0), float(top_p))
-    uniforms = draw()
+            _check_whole_step(model, k_caches, v_caches, st.in_index.shape[0], st.pos_q.shape[0], b, st.causal, arpg)
+    stand_in = torch.empty((drawn_rows[0], model.config.vocab_size))
+    ak.checks.check_sample_tokens(stand_in, None, None, torch.empty(drawn_rows[0], dtype=torch.float64),
+                                  float(temperature), int(top_k or 0), float(top_p))
+    uniforms = list(draw())
+    if len(uniforms) != len(steps) or any(
+            not isinstance(u, torch.Tensor) or u.dtype != torch.float64 or tuple(u.shape) != (n,) or u.device != buf.device
+            for u, n in zip(uniforms, drawn_rows)):
+        got = [f"{u.dtype} {tuple(u.shape)}" if isinstance(u, torch.Tensor) else type(u).__name__ for u in uniforms]
+        raise ValueError(f"cpu_decode_loop: draw() must give one float64 tensor per step on {buf.device}, of the "
+                         f"step's rows of logits {drawn_rows}, got {got}")
     c = model.config
     ops.decode_loop(buf, [(st.in_index, st.pos_in, st.pos_q, st.out_index, st.batch, st.causal, st.guidance)
                           for st in steps], uniforms, table, weights, cross, k_caches, v_caches, c.n_head,

@@ -905,9 +905,10 @@ def test_decode_loop_draws_the_tokens_of_the_step_loop(dtype, threads, monkeypat
     from Python: the tokens of the engine's loop of whole-step and sampler calls (`step_loop(False)`), for ARPG
     and the raster model, guided and unguided, with one generator, one per sample and the global RNG (left in
     the same state), greedy, top-k and top-p, a linear guidance ramp, and an edit whose samples feed different
-    numbers of known tokens causally at step 0."""
+    numbers of known tokens causally at step 0; samples sharing a random stream, steps with no queries and a
+    larger grid."""
     from arpg import generate
-    from arpg.edit import inpaint
+    from arpg.edit import expand, inpaint
     from arpg.engine import Engine
     from arpg.model import step_loop
 
@@ -938,6 +939,27 @@ def test_decode_loop_draws_the_tokens_of_the_step_loop(dtype, threads, monkeypat
             assert steps and len(loops) == 1
             assert torch.equal(got, want), kw
         assert not torch.equal(got, Engine(raster, 6).generate(labels, seed=3, top_p=0.9))  # the seed matters
+        # Samples sharing a stream (one generator thrice; None seeds share the global RNG), steps with no
+        # queries (an explicit schedule), and resolution expansion (a larger grid): the same draws in order.
+        shared = torch.Generator()
+        for m, kw in (
+            (model, dict(num_steps=4, cfg_scale=2.0, generator=[shared] * 3)),
+            (model, dict(num_steps=4, seed=[None, None, 5], top_k=8)),
+            (raster, dict(cfg_scale=2.0, generator=[shared, torch.default_generator, None])),
+            (model, dict(num_steps=4, schedule=[0, 5, 0, 11], cfg_scale=2.0, seed=[1, 2, 3])),
+        ):
+            runs = []
+            for loop in (True, False):
+                torch.manual_seed(7)
+                shared.manual_seed(8)
+                with step_loop(loop):
+                    runs.append((Engine(m, 6).generate(labels, **kw), torch.rand(2), torch.rand(2, generator=shared)))
+            assert all(torch.equal(a, b) for a, b in zip(*runs)), kw
+        loops.clear()
+        got = expand(model, torch.tensor([1, 2]), (5, 6), num_steps=4, cfg_scale=2.0, seed=[3, 4])
+        assert len(loops) == 1
+        with step_loop(False):
+            assert torch.equal(got, expand(model, torch.tensor([1, 2]), (5, 6), num_steps=4, cfg_scale=2.0, seed=[3, 4]))
         runs = []
         for loop in (True, False):
             torch.manual_seed(5)
@@ -973,11 +995,13 @@ def test_decode_loop_only_where_it_applies(monkeypatch):
     generate(model, labels, **kw, return_logits=True)
     generate(model, labels, **kw, teacher_tokens=teacher)
     assert loops == [] and len(steps) == 6
-    for switch in (guided_head(False), step_loop(False), profile(activities=[ProfilerActivity.CPU])):
+    for switch, same in ((guided_head(False), False), (step_loop(False), True),
+                         (profile(activities=[ProfilerActivity.CPU]), True)):
         steps.clear()
         with switch:
-            assert torch.equal(generate(model, labels, **kw), tokens) or isinstance(switch, type(guided_head(False)))
+            out = generate(model, labels, **kw)
         assert loops == [] and len(steps) == 3
+        assert torch.equal(out, tokens) or not same  # guidance on the logits rounds otherwise
     for switch in (whole_step(False), step_fusions(False), ak.use_backend("reference")):
         steps.clear()
         with switch:
@@ -991,6 +1015,23 @@ def test_decode_loop_only_where_it_applies(monkeypatch):
     with step_loop(False):
         assert model.decode_loop(torch.zeros(4, dtype=torch.long), [object()], None,
                                  lambda: pytest.fail("drew uniforms")) is False
+    # A decode_step replaced after the loop was written (a subclass's, an instance's) is the one that runs.
+    loops, steps = _counted(monkeypatch, "decode_loop"), _counted(monkeypatch, "decode_step")
+
+    class Biased(type(model)):
+        def decode_step(self, *args, **kwargs):
+            logits = super().decode_step(*args, **kwargs)
+            logits[:, 0] += 1e4
+            return logits
+
+    biased = Biased(model.config).eval()
+    biased.load_state_dict(model.state_dict())
+    assert (generate(biased, labels, **kw) == 0).all() and loops == [] and len(steps) == 3
+    real_step = model.decode_step
+    model.decode_step = lambda *a, **k: real_step(*a, **k) + torch.nn.functional.one_hot(torch.tensor(1), 64) * 1e4
+    assert (generate(model, labels, **kw) == 1).all() and loops == []
+    del model.decode_step
+    assert torch.equal(generate(model, labels, **kw), tokens) and len(loops) == 1
 
 
 def _loop_steps(model, engine, guidance: bool):
@@ -1033,16 +1074,42 @@ def test_decode_loop_refuses_bad_steps_before_it_changes_anything():
             run(steps, top_p=0.0)
         with pytest.raises(ValueError, match="top_k must be"):
             run(steps, top_k=-1)
+        with pytest.raises(ValueError, match="step 2's out_index must be int64"):
+            run(steps[:2] + [dataclasses.replace(steps[2], out_index=steps[2].out_index[:-1])])
+        uniforms = [torch.rand(st.out_index.shape[0], dtype=torch.float64) for st in steps]
+        with torch.inference_mode(), pytest.raises(ValueError, match="draw\\(\\) must give one float64 tensor"):
+            model.decode_loop(buf, steps, engine.cache, lambda: uniforms[:1] + [uniforms[1][:-1]] + uniforms[2:])
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="outside its 36 tokens"):
+            model.decode_loop(buf, steps[:1] + [dataclasses.replace(steps[1], in_index=steps[1].in_index + 1000)]
+                              + steps[2:], engine.cache, lambda: uniforms)
         assert all(torch.equal(a, b) for a, b in zip(state, (buf, engine.cache.k_pool, engine.cache.v_pool)))
         weights, cross = _step_weight_lists(model)
         ks, vs = zip(*(engine.cache.layer(i) for i in range(model.num_cache_layers)))
-        s = steps[0]
-        with pytest.raises(RuntimeError, match="one entry per step"):
+        s = steps[-1]
+
+        def op(uniforms, guidance, out_index=s.out_index):
             torch.ops.arpg_cpu.decode_loop(
-                buf, [s.in_index], [s.pos_in], [s.pos_q], [s.out_index], [s.batch.slot_mapping], s.batch.block_table,
-                [s.batch.kv_lens], [s.batch.cu_in], [s.batch.cu_q], [s.batch.max_in], [s.batch.max_q], [0], [],
-                [], model.rope_table("cpu"), weights, cross, list(ks), list(vs), 2, model.norm.eps,
-                model.config.mask_token_id, 1.0, 0, 1.0)
+                buf, [steps[0].in_index, s.in_index], [steps[0].pos_in, s.pos_in], [steps[0].pos_q, s.pos_q],
+                [steps[0].out_index, out_index], [steps[0].batch.slot_mapping, s.batch.slot_mapping],
+                s.batch.block_table, [steps[0].batch.kv_lens, s.batch.kv_lens], [steps[0].batch.cu_in, s.batch.cu_in],
+                [steps[0].batch.cu_q, s.batch.cu_q], [steps[0].batch.max_in, s.batch.max_in],
+                [steps[0].batch.max_q, s.batch.max_q],
+                [0, 0], guidance, uniforms, model.rope_table("cpu"), weights, cross, list(ks), list(vs), 2,
+                model.norm.eps, model.config.mask_token_id, 1.0, 0, 1.0)
+
+        good = [uniforms[0], uniforms[-1]]
+        guidance = [steps[0].guidance, s.guidance]
+        with pytest.raises(RuntimeError, match="one entry per step"):
+            op(good[:1], guidance)
+        with pytest.raises(RuntimeError, match="step 1's uniforms must be float64"):
+            op([good[0], good[1][1:]], guidance)
+        with pytest.raises(RuntimeError, match="step 1 draws .* places in buf"):
+            op(good, guidance, s.out_index[:-1])
+        with pytest.raises(RuntimeError, match="step 1's guidance must be float32"):
+            op(good, [guidance[0], guidance[1][:-1]])
+        with pytest.raises(RuntimeError, match="indexes buf\\[-1\\]"):
+            op(good, guidance, s.out_index - s.out_index - 1)
+        assert all(torch.equal(a, b) for a, b in zip(state, (buf, engine.cache.k_pool, engine.cache.v_pool)))
     finally:
         engine.cache.free(seq_ids)
 

@@ -435,6 +435,36 @@ void DecodeLoop(const Tensor& buf, at::TensorList in_index, at::TensorList pos_i
               "arpg_cpu::decode_loop: guidance must be empty or one tensor per step, got ", guidance.size());
   TORCH_CHECK(buf.dim() == 1 && buf.scalar_type() == at::kLong,
               "arpg_cpu::decode_loop: buf must be int64 [N], got ", buf.scalar_type(), " ", buf.sizes());
+  // What the loop itself reads, checked for every step before the first runs, so that a bad step does not
+  // leave the steps before it written (the step's own tensors are DecodeStep's, checked by the caller).
+  const bool arpg = !cross_weights.empty();
+  const int64_t n = buf.size(0);
+  for (size_t s = 0; s < steps; ++s) {
+    for (const Tensor* index : {&in_index[s], &out_index[s]}) {
+      TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1,
+                  "arpg_cpu::decode_loop: step ", s, "'s in_index and out_index must be int64 [T], got ",
+                  index->scalar_type(), " ", index->sizes());
+      const Tensor c = index->contiguous();
+      const int64_t* p = c.data_ptr<int64_t>();
+      for (int64_t i = 0; i < c.numel(); ++i) {
+        TORCH_CHECK(p[i] >= 0 && p[i] < n, "arpg_cpu::decode_loop: step ", s, " indexes buf[", p[i],
+                    "], outside its ", n, " tokens");
+      }
+    }
+    const int64_t logit_rows = arpg ? pos_q[s].size(0) : in_index[s].size(0);
+    const int64_t drawn = guidance.empty() ? logit_rows : logit_rows / 2;
+    if (!guidance.empty()) {
+      TORCH_CHECK(logit_rows % 2 == 0 && guidance[s].scalar_type() == at::kFloat && guidance[s].dim() == 2 &&
+                      guidance[s].size(0) == drawn && guidance[s].size(1) == 1,
+                  "arpg_cpu::decode_loop: step ", s, "'s guidance must be float32 [", drawn, ", 1], got ",
+                  guidance[s].scalar_type(), " ", guidance[s].sizes());
+    }
+    TORCH_CHECK(out_index[s].size(0) == drawn, "arpg_cpu::decode_loop: step ", s, " draws ", drawn,
+                " tokens (its rows of logits) for ", out_index[s].size(0), " places in buf");
+    TORCH_CHECK(uniforms[s].scalar_type() == at::kDouble && uniforms[s].dim() == 1 && uniforms[s].size(0) == drawn,
+                "arpg_cpu::decode_loop: step ", s, "'s uniforms must be float64 [", drawn, "], got ",
+                uniforms[s].scalar_type(), " ", uniforms[s].sizes());
+  }
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inference only, as DecodeStep
   for (size_t s = 0; s < steps; ++s) {
     const c10::optional<Tensor> g = guidance.empty() ? c10::optional<Tensor>() : c10::optional<Tensor>(guidance[s]);
@@ -442,10 +472,8 @@ void DecodeLoop(const Tensor& buf, at::TensorList in_index, at::TensorList pos_i
                                      cross_weights, k_caches, v_caches, slot_mapping[s], block_table, kv_lens[s],
                                      cu_in[s], cu_q[s], max_in[s], max_q[s], n_head, eps, causal[s] != 0,
                                      mask_token_id, g, thread_groups);
-    const Tensor drawn = sample.call(logits, c10::nullopt, c10::nullopt, uniforms[s], temperature, top_k, top_p);
-    TORCH_CHECK(drawn.size(0) == out_index[s].size(0), "arpg_cpu::decode_loop: step ", s, " draws ", drawn.size(0),
-                " tokens for ", out_index[s].size(0), " places in buf");
-    buf.index_copy_(0, out_index[s], drawn);
+    buf.index_copy_(0, out_index[s],
+                    sample.call(logits, c10::nullopt, c10::nullopt, uniforms[s].contiguous(), temperature, top_k, top_p));
   }
 }
 
