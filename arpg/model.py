@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -299,6 +300,10 @@ def cpu_decode_step(model, self_layers, tokens, pos_in, pos_q, table, cache, bat
                            model.norm.eps, causal, c.mask_token_id, guidance, getattr(_groups_switch, "enabled", True))
 
 
+# Seconds under which `cpu_decode_loop` doubles its chunk of steps per op call.
+LOOP_CHUNK_S = 0.1
+
+
 @dataclass
 class LoopStep:
     """One step of `cpu_decode_loop` (tensors as `decode_step` takes them; raster: pos_q = pos_in).
@@ -328,8 +333,10 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
     sampling regions the engine's loop marks), or with a library built before the op. Else checks every
     step as `cpu_decode_step` does, and its indices' shapes (out_index: one place per row of logits), calls
     `draw()` for the steps' uniforms (a list of float64 [rows of step s's logits]; it is called only here,
-    so an unused generator is left as it was), checks them, and runs the steps. A bad step or bad uniforms
-    raise before anything runs, leaving buf and the cache as they were (the op checks the indices' range).
+    so an unused generator is left as it was), checks them and the indices' range, and runs the steps, in
+    chunks of 1, 2, 4, ... steps per op call while a chunk takes under `LOOP_CHUNK_S` (so that Python, and
+    Ctrl-C, get the host back between chunks). A bad step or bad uniforms raise before anything runs, leaving
+    buf and the cache as they were.
     """
     if not steps or not getattr(_loop_switch, "enabled", True) or torch.autograd._profiler_enabled():
         return False
@@ -369,11 +376,25 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
         got = [f"{u.dtype} {tuple(u.shape)}" if isinstance(u, torch.Tensor) else type(u).__name__ for u in uniforms]
         raise ValueError(f"cpu_decode_loop: draw() must give one float64 tensor per step on {buf.device}, of the "
                          f"step's rows of logits {drawn_rows}, got {got}")
+    # The op checks its steps' indices too, but a chunk at a time (below): all of them first, here.
+    indices = torch.cat([t for st in steps for t in (st.in_index, st.out_index)])
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= buf.shape[0]):
+        raise ValueError(f"cpu_decode_loop: the steps index buf[{int(indices.min())}..{int(indices.max())}], outside "
+                         f"its {buf.shape[0]} tokens")
     c = model.config
-    ops.decode_loop(buf, [(st.in_index, st.pos_in, st.pos_q, st.out_index, st.batch, st.causal, st.guidance)
-                          for st in steps], uniforms, table, weights, cross, k_caches, v_caches, c.n_head,
-                    model.norm.eps, c.mask_token_id, temperature, int(top_k or 0), top_p,
-                    getattr(_groups_switch, "enabled", True))
+    groups = getattr(_groups_switch, "enabled", True)
+    # In chunks of steps, doubling while a chunk takes under LOOP_CHUNK_S: Python (Ctrl-C, other threads) gets
+    # the host back that often even for a model whose generation takes minutes, at a few calls per generation.
+    done, chunk = 0, 1
+    while done < len(steps):
+        part = slice(done, done + chunk)
+        t0 = time.perf_counter()
+        ops.decode_loop(buf, [(st.in_index, st.pos_in, st.pos_q, st.out_index, st.batch, st.causal, st.guidance)
+                              for st in steps[part]], uniforms[part], table, weights, cross, k_caches, v_caches,
+                        c.n_head, model.norm.eps, c.mask_token_id, temperature, int(top_k or 0), top_p, groups)
+        done += len(steps[part])
+        if time.perf_counter() - t0 < LOOP_CHUNK_S:
+            chunk *= 2
     return True
 
 
