@@ -339,7 +339,7 @@ class Engine:
     for resolution expansion). The model's weights are used in place. `model` is an `ARPG` or a
     `RasterLM` (any module with `config`, `num_cache_layers` and `decode_step`; `decode_order =
     "raster"` selects one token per step; a `decode_step` without the `guidance` argument gets its logits
-    guided in the sampler).
+    guided in the sampler; an optional `decode_loop`, as `ARPG.decode_loop`, runs a whole generation).
 
     max_cache_bytes: a cap on the cache's bytes (K and V pools). The engine then holds as many rows as
     fit (at most `max_rows` when that is given too), and a batch with more rows runs in chunks of whole
