@@ -279,16 +279,20 @@ def _sample(logits, q_counts, temperature, top_k, top_p, generator, uncond=None,
 
 
 def _loop_goes_with_step(model) -> bool:
-    """Whether the model's `decode_loop` runs its `decode_step`: not where `decode_step` was replaced after it,
-    on the instance or in a subclass of the class that defines `decode_loop` (whose loop calls the op that its
-    own `decode_step` calls, not the replacement). A `decode_loop` set on the instance is the caller's own."""
+    """Whether the model's `decode_loop` runs its `decode_step`. A `decode_loop` that names the `decode_step` it
+    replays (`decode_loop.decode_step`, as ARPG's and RasterLM's do) goes with exactly that one: not where
+    `decode_step` was replaced, on the instance, in a subclass or on the class itself. Else it goes with the
+    `decode_step` of its own class or a base of it. A `decode_loop` set on the instance is the caller's own."""
     if "decode_loop" in vars(model):
         return True
     if "decode_step" in vars(model):
         return False
-    mro = type(model).__mro__
-    loop_owner = next(c for c in mro if "decode_loop" in vars(c))
-    step_owner = next(c for c in mro if "decode_step" in vars(c))
+    cls = type(model)
+    replays = getattr(cls.decode_loop, "decode_step", None)
+    if replays is not None:
+        return cls.decode_step is replays
+    loop_owner = next(c for c in cls.__mro__ if "decode_loop" in vars(c))
+    step_owner = next(c for c in cls.__mro__ if "decode_step" in vars(c))
     return issubclass(loop_owner, step_owner)
 
 
@@ -296,15 +300,20 @@ def _step_uniforms(q_counts, temperature, generator, device) -> list[torch.Tenso
     """Every step's uniforms as `_sample` draws them step after step: float64 [sum(q_counts[s])] per step s
     (q_counts[s]: queries per sample); zeros when greedy, as `sample`'s. Each random stream (a generator, or
     the global RNG for None) is drawn in one call and its numbers dealt out in the order the steps would
-    draw them: step after step, and within a step sample after sample, where samples share a stream. A
-    stream's float64 draws come one after another, so one call gives the numbers of one call per step."""
+    draw them: step after step, and within a step sample after sample, where samples share a stream. A CPU
+    stream's float64 draws come one after another, so one call gives the numbers of one call per step; on
+    other devices the draws are made as `_sample` makes them, one call per step (and sample)."""
     totals = [sum(q) for q in q_counts]
     if temperature <= 0:
         return [torch.zeros(n, dtype=torch.float64, device=device) for n in totals]
+    if torch.device(device).type != "cpu":  # other generators (CUDA's Philox) round their offset per call
+        gens = generator if isinstance(generator, (list, tuple)) else None
+        return [torch.cat([draw_uniforms(n, g, device) for g, n in zip(gens, q)]) if gens else
+                draw_uniforms(sum(q), generator, device) for q in q_counts]
     if not isinstance(generator, (list, tuple)):
         return list(draw_uniforms(sum(totals), generator, device).split(totals))
     # The global RNG is one stream whether named None or by its generator object.
-    default = torch.default_generator if torch.device(device).type == "cpu" else None
+    default = torch.default_generator
     streams = [default if g is None else g for g in generator]
     keys = [id(g) for g in streams]
     need: dict[int, int] = {}

@@ -331,12 +331,14 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
     Returns False, having drawn and changed nothing, where it does not apply: where `cpu_decode_step` would
     not, with `step_loop(False)`, with the sampler's fusions off, under torch.profiler (whose step and
     sampling regions the engine's loop marks), or with a library built before the op. Else checks every
-    step as `cpu_decode_step` does, and its indices' shapes (out_index: one place per row of logits), calls
-    `draw()` for the steps' uniforms (a list of float64 [rows of step s's logits]; it is called only here,
-    so an unused generator is left as it was), checks them and the indices' range, and runs the steps, in
-    chunks of 1, 2, 4, ... steps per op call while a chunk takes under `LOOP_CHUNK_S` (so that Python, and
-    Ctrl-C, get the host back between chunks). A bad step or bad uniforms raise before anything runs, leaving
-    buf and the cache as they were.
+    step as `cpu_decode_step` does, its indices' and positions' shapes and ranges (out_index: one place per
+    row of logits), its metadata's row counts (cu_in, cu_q) and block table (one for all steps); then calls
+    `draw()` for the steps' uniforms (a list of float64 [rows of step s's logits]; it is called only here, so
+    an unused generator is left as it was), checks them, and runs the steps in chunks of 1, 2, 4, ... steps
+    per op call while a chunk takes under `LOOP_CHUNK_S` (so that Python, and Ctrl-C, get the host back
+    between chunks). A step that fails these checks, or bad uniforms, raise before
+    anything runs, leaving buf and the cache as they were; metadata wrong in other ways (kv_lens, the slots,
+    the block table's pages) fails where it fails in the step loop.
     """
     if not steps or not getattr(_loop_switch, "enabled", True) or torch.autograd._profiler_enabled():
         return False
@@ -354,12 +356,22 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
         rows = st.pos_q.shape[0] if arpg else st.in_index.shape[0]
         check_guidance(st.guidance, rows, buf.device)
         drawn_rows.append(rows // 2 if guided else rows)
-        for name, index, n in (("in_index", st.in_index, None), ("out_index", st.out_index, drawn_rows[-1])):
+        b = st.batch
+        n_in, n_q = st.in_index.shape[0], st.pos_q.shape[0]
+        for name, index, n in (("in_index", st.in_index, None), ("out_index", st.out_index, drawn_rows[-1]),
+                               ("pos_in", st.pos_in, n_in), ("pos_q", st.pos_q, None)):
             if index.dtype != torch.int64 or index.dim() != 1 or (n is not None and index.shape[0] != n):
-                want = "int64 [T_in]" if n is None else f"int64 [{n}] (the step's rows of logits)"
+                want = "int64 [T]" if n is None else f"int64 [{n}]"
                 raise ValueError(f"cpu_decode_loop: step {s}'s {name} must be {want}, got {index.dtype} "
                                  f"{tuple(index.shape)}")
-        b = st.batch
+        if b.block_table is not steps[0].batch.block_table:
+            raise ValueError(f"cpu_decode_loop: step {s} has another block_table tensor than step 0 (the op takes one)")
+        # The rows the metadata counts (a value each, read on the host; with the value checks off the ops' own
+        # checks do not read them), so that a step cannot fail in the op after the steps before it ran.
+        counts = [(b.cu_in, n_in, "cu_in", "fed tokens")] + ([(b.cu_q, n_q, "cu_q", "queries")] if arpg else [])
+        for cu, n, name, what in counts:
+            if cu.numel() == 0 or int(cu[-1]) != n:
+                raise ValueError(f"cpu_decode_loop: step {s}'s {name} must end at its {n} {what}, got {cu.tolist()}")
         # Shapes alone (the engine turns value checks off): once per kind of step.
         key = (st.in_index.shape[0], st.pos_q.shape[0], int(b.max_in), int(b.max_q), bool(st.causal),
                *((t.shape, t.dtype, t.stride()) for t in (b.slot_mapping, b.kv_lens, b.cu_in, b.cu_q, b.block_table)))
@@ -369,6 +381,15 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
     stand_in = torch.empty((drawn_rows[0], model.config.vocab_size))
     ak.checks.check_sample_tokens(stand_in, None, None, torch.empty(drawn_rows[0], dtype=torch.float64),
                                   float(temperature), int(top_k or 0), float(top_p))
+    # The op checks its steps' indices too, but a chunk at a time (below): all of them first, here, and the
+    # positions against the RoPE table.
+    for what, tensors, size in (("index buf", [t for st in steps for t in (st.in_index, st.out_index)], buf.shape[0]),
+                                ("have RoPE positions", [t for st in steps for t in (st.pos_in, st.pos_q)],
+                                 table.shape[0])):
+        values = torch.cat(tensors)
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= size):
+            raise ValueError(f"cpu_decode_loop: the steps {what} [{int(values.min())}..{int(values.max())}], outside "
+                             f"its {size} rows")
     uniforms = list(draw())
     if len(uniforms) != len(steps) or any(
             not isinstance(u, torch.Tensor) or u.dtype != torch.float64 or tuple(u.shape) != (n,) or u.device != buf.device
@@ -376,11 +397,6 @@ def cpu_decode_loop(model, self_layers, two_pass: Optional["TwoPassDecoder"], ta
         got = [f"{u.dtype} {tuple(u.shape)}" if isinstance(u, torch.Tensor) else type(u).__name__ for u in uniforms]
         raise ValueError(f"cpu_decode_loop: draw() must give one float64 tensor per step on {buf.device}, of the "
                          f"step's rows of logits {drawn_rows}, got {got}")
-    # The op checks its steps' indices too, but a chunk at a time (below): all of them first, here.
-    indices = torch.cat([t for st in steps for t in (st.in_index, st.out_index)])
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= buf.shape[0]):
-        raise ValueError(f"cpu_decode_loop: the steps index buf[{int(indices.min())}..{int(indices.max())}], outside "
-                         f"its {buf.shape[0]} tokens")
     c = model.config
     groups = getattr(_groups_switch, "enabled", True)
     # In chunks of steps, doubling while a chunk takes under LOOP_CHUNK_S: Python (Ctrl-C, other threads) gets
@@ -829,3 +845,8 @@ class ARPG(nn.Module):
         `decode_step`). grid: as `decode_step`'s."""
         return cpu_decode_loop(self, self.layers.self_dec, self.layers, self.rope_table(buf.device, grid), cache, buf,
                                steps, draw, temperature, top_k, top_p)
+
+
+# The decode_step that ARPG.decode_loop replays: the engine runs the loop only while it is still the model's
+# (arpg.engine._loop_goes_with_step), not after a subclass, an instance or a patch of the class replaced it.
+ARPG.decode_loop.decode_step = ARPG.decode_step

@@ -112,3 +112,7 @@ class RasterLM(nn.Module):
         steps = [dataclasses.replace(st, pos_q=st.pos_in, causal=True) for st in steps]
         return cpu_decode_loop(self, self.layers, None, self.rope_table(buf.device), cache, buf, steps, draw,
                                temperature, top_k, top_p)
+
+
+# The decode_step that RasterLM.decode_loop replays (as ARPG's: arpg.engine._loop_goes_with_step).
+RasterLM.decode_loop.decode_step = RasterLM.decode_step

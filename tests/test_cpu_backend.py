@@ -1032,6 +1032,10 @@ def test_decode_loop_only_where_it_applies(monkeypatch):
     model.decode_step = lambda *a, **k: real_step(*a, **k) + torch.nn.functional.one_hot(torch.tensor(1), 64) * 1e4
     assert (generate(model, labels, **kw) == 1).all() and loops == []
     del model.decode_step
+    with monkeypatch.context() as patch:  # a patch of the class itself (a spy, a hot fix)
+        patch.setattr(type(model), "decode_step", lambda self, *a, **k: real_step(*a, **k) * 0.0)
+        generate(model, labels, **kw)
+        assert loops == []
     assert torch.equal(generate(model, labels, **kw), tokens) and loops
 
 
@@ -1077,10 +1081,24 @@ def test_decode_loop_refuses_bad_steps_before_it_changes_anything():
             run(steps, top_k=-1)
         with pytest.raises(ValueError, match="step 2's out_index must be int64"):
             run(steps[:2] + [dataclasses.replace(steps[2], out_index=steps[2].out_index[:-1])])
+        # The metadata and positions of a later step, whose errors would come from the op after earlier steps ran.
+        last = steps[2]
+        for bad, match in (
+            (dataclasses.replace(last, pos_in=last.pos_in[:-1]), "step 2's pos_in must be int64"),
+            (dataclasses.replace(last, batch=dataclasses.replace(last.batch, cu_q=last.batch.cu_q - (
+                torch.arange(len(last.batch.cu_q)) == len(last.batch.cu_q) - 1).int())), "step 2's cu_q must end at its"),
+            (dataclasses.replace(last, batch=dataclasses.replace(last.batch, cu_in=last.batch.cu_in[:-1])),
+             "step 2's cu_in must end at its"),
+            (dataclasses.replace(last, batch=dataclasses.replace(last.batch, block_table=last.batch.block_table.clone())),
+             "another block_table tensor"),
+            (dataclasses.replace(last, pos_q=last.pos_q + 1000), "have RoPE positions .*outside its 17 rows"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                run(steps[:2] + [bad])
         uniforms = [torch.rand(st.out_index.shape[0], dtype=torch.float64) for st in steps]
         with torch.inference_mode(), pytest.raises(ValueError, match="draw\\(\\) must give one float64 tensor"):
             model.decode_loop(buf, steps, engine.cache, lambda: uniforms[:1] + [uniforms[1][:-1]] + uniforms[2:])
-        with torch.inference_mode(), pytest.raises(ValueError, match="outside its 36 tokens"):
+        with torch.inference_mode(), pytest.raises(ValueError, match="index buf .*outside its 36 rows"):
             model.decode_loop(buf, steps[:1] + [dataclasses.replace(steps[1], in_index=steps[1].in_index + 1000)]
                               + steps[2:], engine.cache, lambda: uniforms)
         assert all(torch.equal(a, b) for a, b in zip(state, (buf, engine.cache.k_pool, engine.cache.v_pool)))
