@@ -7,9 +7,8 @@ ARPG vs raster comparisons measure the order and parallelism, not the code.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -406,12 +406,12 @@ Tensor DecodeStep(const Tensor& tokens, const Tensor& pos_in, const Tensor& pos_
   return head_in_groups ? at::cat(parts) : Logits(at::cat(parts), weights[2], g);
 }
 
-
-// The steps of a whole generation in one call (arpg.model.cpu_decode_loop), as the engine's Python loop runs them:
+// The steps of a generation in one call (arpg.model.cpu_decode_loop calls it a chunk of steps at a time), as the
+// engine's Python loop runs them:
 // step s gathers its fed tokens buf[in_index[s]], runs DecodeStep, draws one token per row of its logits against
 // uniforms[s] (arpg_cpu::sample_tokens, no guidance of its own: guided steps mix it before the head) and writes
-// them to buf[out_index[s]], where later steps gather them. The host then returns to Python once per generation
-// instead of twice per step (about 0.25 ms a step at batch 1 on the project's 2-core machine).
+// them to buf[out_index[s]], where later steps gather them. The host then returns to Python once per call
+// instead of twice per step (0.2-0.6 ms a step on the project's 2-core machine).
 // buf: int64 [N], the engine's token buffer; per step s: in_index, pos_in, out_index int64; pos_q int64 (ARPG);
 // slot_mapping, kv_lens, cu_in, cu_q as DecodeStep's; max_in[s], max_q[s]; causal[s] (0 or 1); guidance: empty, or
 // float32 [R_s / 2, 1] per step; uniforms[s]: float64 [rows of the step's logits]. The rest as DecodeStep's.
